@@ -1,0 +1,195 @@
+// pf_engine._C: declarations and argument conversion only; logic lives in block_manager.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "block_manager.h"
+
+namespace py = pybind11;
+using pf_engine::BlockManager;
+using pf_engine::View;
+
+namespace {
+
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// Lists and integer arrays of any width become one contiguous int64 array;
+// floats and other dtypes are refused rather than silently truncated.
+Int64Array as_ids(const py::handle& obj, const char* name) {
+  py::array arr = py::array::ensure(obj);
+  if (!arr) throw py::type_error(std::string(name) + " must be a 1-D sequence of integers");
+  if (arr.ndim() != 1) {
+    throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(arr.ndim()) + " dimensions");
+  }
+  char kind = arr.dtype().kind();
+  if (arr.size() > 0 && kind != 'i' && kind != 'u') {
+    throw py::type_error(std::string(name) + " must hold integers, got dtype " +
+                         py::str(arr.dtype()).cast<std::string>());
+  }
+  return Int64Array::ensure(arr);
+}
+
+View<int64_t> view(const Int64Array& arr) { return {arr.data(), static_cast<std::size_t>(arr.size())}; }
+
+// Hands a vector to numpy without copying it.
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& values, std::vector<py::ssize_t> shape = {}) {
+  auto* owned = new std::vector<T>(std::move(values));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  if (shape.empty()) shape = {static_cast<py::ssize_t>(owned->size())};
+  return py::array_t<T>(shape, owned->data(), free_when_done);
+}
+
+template <typename T>
+py::array_t<T> copy_to_numpy(const std::vector<T>& values) {
+  return to_numpy(std::vector<T>(values));
+}
+
+py::tuple append_result(pf_engine::AppendResult&& r) {
+  auto num_copies = static_cast<py::ssize_t>(r.copies.size() / 2);
+  return py::make_tuple(to_numpy(std::move(r.slot_mapping)), to_numpy(std::move(r.copies), {num_copies, 2}));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pf_engine native core: the paged KV-cache block manager";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const pf_engine::OutOfBlocks& e) {
+      py::object cls = py::module_::import("pf_engine.errors").attr("OutOfBlocksError");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const pf_engine::UnknownSequence& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+
+  py::class_<BlockManager>(m, "BlockManager", R"doc(
+Fixed pool of KV-cache blocks shared by reference count between sequences.
+
+Parameters
+----------
+num_blocks : int
+    Blocks in the pool.
+block_size : int
+    Token slots per block. Token ``t`` of a sequence lives in slot
+    ``block_table[t // block_size] * block_size + t % block_size``.
+
+Every mutating call either succeeds or raises with nothing changed:
+``OutOfBlocksError`` when the pool is too small, ``KeyError`` for an unknown
+or freed sequence id, ``ValueError``/``TypeError`` for malformed arguments.
+)doc")
+      .def(py::init<int32_t, int32_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def_property_readonly("num_blocks", &BlockManager::num_blocks)
+      .def_property_readonly("block_size", &BlockManager::block_size)
+      .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_property_readonly("num_seqs", &BlockManager::num_seqs)
+      .def("can_allocate", &BlockManager::can_allocate, py::arg("num_tokens"),
+           "Whether allocate(num_tokens) would find enough free blocks.")
+      .def("allocate", &BlockManager::allocate, py::arg("num_tokens"),
+           "New sequence holding num_tokens token slots; returns its id.")
+      .def("free", &BlockManager::free, py::arg("seq_id"),
+           "Drop a sequence; blocks no other sequence references return to the pool.")
+      .def("fork", &BlockManager::fork, py::arg("seq_id"),
+           "New sequence sharing every block of seq_id (no copy, no new block); returns its id.")
+      .def(
+          "can_append",
+          [](const BlockManager& self, int64_t seq_id, int64_t num_new_tokens) {
+            return self.can_append({&seq_id, 1}, {&num_new_tokens, 1});
+          },
+          py::arg("seq_id"), py::arg("num_new_tokens"))
+      .def(
+          "can_append",
+          [](const BlockManager& self, const py::object& seq_ids, const py::object& num_new_tokens) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto counts = as_ids(num_new_tokens, "num_new_tokens");
+            return self.can_append(view(ids), view(counts));
+          },
+          py::arg("seq_ids"), py::arg("num_new_tokens"),
+          "Whether append(seq_ids, num_new_tokens) would find enough free blocks.")
+      .def(
+          "num_blocks_to_append",
+          [](const BlockManager& self, const py::object& seq_ids, const py::object& num_new_tokens) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto counts = as_ids(num_new_tokens, "num_new_tokens");
+            return self.num_blocks_to_append(view(ids), view(counts));
+          },
+          py::arg("seq_ids"), py::arg("num_new_tokens"),
+          "Free blocks append(seq_ids, num_new_tokens) would take, copy-on-write copies included.")
+      .def(
+          "append",
+          [](BlockManager& self, int64_t seq_id, int64_t num_new_tokens) {
+            return append_result(self.append({&seq_id, 1}, {&num_new_tokens, 1}));
+          },
+          py::arg("seq_id"), py::arg("num_new_tokens"))
+      .def(
+          "append",
+          [](BlockManager& self, const py::object& seq_ids, const py::object& num_new_tokens) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto counts = as_ids(num_new_tokens, "num_new_tokens");
+            return append_result(self.append(view(ids), view(counts)));
+          },
+          py::arg("seq_ids"), py::arg("num_new_tokens"), R"doc(
+Grow sequences by num_new_tokens slots each (one id, or 1-D arrays of ids and counts).
+
+Returns
+-------
+slot_mapping : int32 ndarray [sum(num_new_tokens)]
+    Slot of every new token, sequence by sequence.
+copies : int32 ndarray [num_copies, 2]
+    (src, dst) block copies to apply before writing: a sequence whose partly
+    filled last block is shared gets a private copy of it (copy-on-write).
+    No block is both a src and a dst within one call.
+)doc")
+      .def(
+          "resample",
+          [](BlockManager& self, const py::object& seq_ids, const py::object& ancestors) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto anc = as_ids(ancestors, "ancestors");
+            return to_numpy(self.resample(view(ids), view(anc)));
+          },
+          py::arg("seq_ids"), py::arg("ancestors"), R"doc(
+Replace a generation of sequences by the chosen ancestors, in one call.
+
+seq_ids [N] is the generation; ancestors [M] indexes into it. Returns int64
+new_seq_ids [M] where new_seq_ids[j] holds the tokens of seq_ids[ancestors[j]].
+An ancestor chosen k times keeps its id at its first position and is forked
+k-1 times; sequences never chosen are freed. No block is copied or taken.
+)doc")
+      .def(
+          "page_table",
+          [](const BlockManager& self, const py::object& seq_ids) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            pf_engine::PageTable t = self.page_table(view(ids));
+            return py::make_tuple(to_numpy(std::move(t.indptr)), to_numpy(std::move(t.indices)),
+                                  to_numpy(std::move(t.last_page_len)));
+          },
+          py::arg("seq_ids"), R"doc(
+CSR page table of a batch, as flashinfer's paged-KV wrappers take it.
+
+Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
+``last_page_len`` [N]: the blocks of seq_ids[i] are
+``indices[indptr[i]:indptr[i + 1]]``, its last block holding
+``last_page_len[i]`` tokens.
+)doc")
+      .def(
+          "slot_mapping",
+          [](const BlockManager& self, const py::object& seq_ids, const py::object& num_new_tokens) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto counts = as_ids(num_new_tokens, "num_new_tokens");
+            return to_numpy(self.slot_mapping(view(ids), view(counts)));
+          },
+          py::arg("seq_ids"), py::arg("num_new_tokens"),
+          "int32 slots of the last num_new_tokens[i] tokens of each sequence, concatenated.")
+      .def(
+          "block_table", [](const BlockManager& self, int64_t seq_id) { return copy_to_numpy(self.block_table(seq_id)); },
+          py::arg("seq_id"), "int32 block ids of one sequence.")
+      .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
+      .def(
+          "ref_counts", [](const BlockManager& self) { return copy_to_numpy(self.ref_counts()); },
+          "int32 [num_blocks] sequences referencing each block.")
+      .def("seq_ids", [](const BlockManager& self) { return to_numpy(self.seq_ids()); },
+           "int64 ids of the live sequences, ascending.");
+}

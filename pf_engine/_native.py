@@ -1,0 +1,56 @@
+"""What this installation can run. The one place that decides; everything else asks it.
+
+- ``_C``: the C++ block manager. Always built; without it pf_engine cannot work.
+- ``HAS_CUDA_EXT``: ``pf_engine._C_cuda`` (CUDA copy kernels) was built here.
+- ``HAS_TRITON`` / ``TRITON_INTERPRET``: Triton importable; kernels run under
+  its CPU interpreter when ``TRITON_INTERPRET=1`` was set before import.
+- ``HAS_FLASHINFER``: flashinfer importable (every call of it needs CUDA).
+"""
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+try:
+    from pf_engine import _C
+except ImportError as exc:  # pragma: no cover - only a broken install gets here
+    raise ImportError(
+        "pf_engine._C (the native block manager) is missing or failed to load: "
+        "build it with `pip install .` from the source tree"
+    ) from exc
+
+try:
+    from pf_engine import _C_cuda
+except ImportError:
+    _C_cuda = None
+
+HAS_CUDA_EXT = _C_cuda is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+
+if torch.cuda.is_available() and not HAS_CUDA_EXT:
+    warnings.warn(
+        "pf_engine was built without its CUDA extension; block copies on the GPU use "
+        "the Triton kernel instead (rebuild with PF_ENGINE_CUDA=1 to build it)",
+        stacklevel=2,
+    )
+
+
+def uses_cuda_ext(device: torch.device) -> bool:
+    """Whether work on ``device`` runs the native CUDA kernels."""
+    return device.type == "cuda" and HAS_CUDA_EXT
+
+
+def summary() -> dict:
+    """The decisions above, for logs and the self-check."""
+    return {
+        "native block manager": True,
+        "CUDA extension": HAS_CUDA_EXT,
+        "CUDA device": torch.cuda.is_available(),
+        "Triton": HAS_TRITON,
+        "Triton interpreter": TRITON_INTERPRET,
+        "flashinfer": HAS_FLASHINFER,
+    }
