@@ -1,7 +1,6 @@
 #include "block_manager.h"
 
 #include <algorithm>
-#include <unordered_set>
 
 namespace pf_engine {
 
@@ -85,11 +84,26 @@ int64_t BlockManager::fork(int64_t seq_id) {
   return child_id;
 }
 
-void BlockManager::check_batch(View<int64_t> seq_ids, View<int64_t> num_new_tokens, const char* what) const {
+BlockManager::SeqPtrs BlockManager::lookup_unique(View<int64_t> seq_ids, const char* what) const {
+  const uint64_t call = ++batch_calls_;
+  SeqPtrs seqs(seq_ids.size);
+  for (std::size_t i = 0; i < seq_ids.size; ++i) {
+    const Sequence& seq = get(seq_ids[i]);
+    if (seq.seen_in == call) {
+      throw std::invalid_argument(std::string(what) + ": sequence id " + std::to_string(seq_ids[i]) +
+                                  " appears more than once");
+    }
+    seq.seen_in = call;
+    seqs[i] = &seq;
+  }
+  return seqs;
+}
+
+BlockManager::SeqPtrs BlockManager::check_batch(View<int64_t> seq_ids, View<int64_t> num_new_tokens,
+                                                const char* what) const {
   if (seq_ids.size != num_new_tokens.size) {
-    throw std::invalid_argument(std::string(what) + (": seq_ids has " + std::to_string(seq_ids.size) +
-                                               " entries but num_new_tokens has " +
-                                               std::to_string(num_new_tokens.size)));
+    throw std::invalid_argument(std::string(what) + ": seq_ids has " + std::to_string(seq_ids.size) +
+                                " entries but num_new_tokens has " + std::to_string(num_new_tokens.size));
   }
   for (std::size_t i = 0; i < num_new_tokens.size; ++i) {
     if (num_new_tokens[i] < 0) {
@@ -97,29 +111,20 @@ void BlockManager::check_batch(View<int64_t> seq_ids, View<int64_t> num_new_toke
                                   std::to_string(num_new_tokens[i]) + ", must be >= 0");
     }
   }
-  check_unique_ids(seq_ids, what);
-}
-
-void BlockManager::check_unique_ids(View<int64_t> seq_ids, const char* what) const {
-  std::unordered_set<int64_t> seen;
-  seen.reserve(seq_ids.size * 2);
-  for (std::size_t i = 0; i < seq_ids.size; ++i) {
-    get(seq_ids[i]);  // raises for an unknown id
-    if (!seen.insert(seq_ids[i]).second) {
-      throw std::invalid_argument(std::string(what) + ": sequence id " + std::to_string(seq_ids[i]) +
-                                  " appears more than once");
-    }
-  }
+  return lookup_unique(seq_ids, what);
 }
 
 int64_t BlockManager::num_blocks_to_append(View<int64_t> seq_ids, View<int64_t> num_new_tokens) const {
-  check_batch(seq_ids, num_new_tokens, "append");
+  return num_blocks_to_append(check_batch(seq_ids, num_new_tokens, "append"), num_new_tokens);
+}
+
+int64_t BlockManager::num_blocks_to_append(const SeqPtrs& seqs, View<int64_t> num_new_tokens) const {
   // A shared last block is copied by the first sequence that writes to it; the
   // writers after it see one reference fewer, and the last one writes in place.
   std::unordered_map<int32_t, int32_t> copied_away;
   int64_t needed = 0;
-  for (std::size_t i = 0; i < seq_ids.size; ++i) {
-    const Sequence& seq = get(seq_ids[i]);
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& seq = *seqs[i];
     int64_t n = num_new_tokens[i];
     if (n == 0) continue;
     needed += blocks_for(seq.num_tokens + n) - blocks_for(seq.num_tokens);
@@ -141,14 +146,15 @@ bool BlockManager::can_append(View<int64_t> seq_ids, View<int64_t> num_new_token
 }
 
 AppendResult BlockManager::append(View<int64_t> seq_ids, View<int64_t> num_new_tokens) {
-  require_free(num_blocks_to_append(seq_ids, num_new_tokens), "append");
+  const SeqPtrs seqs = check_batch(seq_ids, num_new_tokens, "append");
+  require_free(num_blocks_to_append(seqs, num_new_tokens), "append");
   AppendResult out;
   int64_t total = 0;
   for (std::size_t i = 0; i < num_new_tokens.size; ++i) total += num_new_tokens[i];
   out.slot_mapping.reserve(total);
   // Everything that can throw has run; from here on nothing fails.
   for (std::size_t i = 0; i < seq_ids.size; ++i) {
-    Sequence& seq = get(seq_ids[i]);
+    Sequence& seq = const_cast<Sequence&>(*seqs[i]);
     int64_t n = num_new_tokens[i];
     if (n == 0) continue;
     std::vector<int32_t>& table = seq.block_table;
@@ -171,7 +177,7 @@ AppendResult BlockManager::append(View<int64_t> seq_ids, View<int64_t> num_new_t
 }
 
 std::vector<int64_t> BlockManager::resample(View<int64_t> seq_ids, View<int64_t> ancestors) {
-  check_unique_ids(seq_ids, "resample");
+  lookup_unique(seq_ids, "resample");
   for (std::size_t j = 0; j < ancestors.size; ++j) {
     if (ancestors[j] < 0 || ancestors[j] >= static_cast<int64_t>(seq_ids.size)) {
       throw std::invalid_argument("resample: ancestors[" + std::to_string(j) + "] is " +
@@ -198,25 +204,31 @@ std::vector<int64_t> BlockManager::resample(View<int64_t> seq_ids, View<int64_t>
 }
 
 PageTable BlockManager::page_table(View<int64_t> seq_ids) const {
-  PageTable out;
-  out.indptr.reserve(seq_ids.size + 1);
-  out.last_page_len.reserve(seq_ids.size);
-  out.indptr.push_back(0);
+  SeqPtrs seqs(seq_ids.size);
+  std::size_t num_indices = 0;
   for (std::size_t i = 0; i < seq_ids.size; ++i) {
-    const Sequence& seq = get(seq_ids[i]);
-    out.indices.insert(out.indices.end(), seq.block_table.begin(), seq.block_table.end());
-    out.indptr.push_back(static_cast<int32_t>(out.indices.size()));
-    out.last_page_len.push_back(
-        seq.num_tokens == 0 ? 0 : static_cast<int32_t>((seq.num_tokens - 1) % block_size_ + 1));
+    seqs[i] = &get(seq_ids[i]);
+    num_indices += seqs[i]->block_table.size();
+  }
+  PageTable out;
+  out.indptr.resize(seq_ids.size + 1);
+  out.indices.resize(num_indices);
+  out.last_page_len.resize(seq_ids.size);
+  int32_t* dst = out.indices.data();
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& seq = *seqs[i];
+    dst = std::copy(seq.block_table.begin(), seq.block_table.end(), dst);
+    out.indptr[i + 1] = static_cast<int32_t>(dst - out.indices.data());
+    out.last_page_len[i] = seq.num_tokens == 0 ? 0 : static_cast<int32_t>((seq.num_tokens - 1) % block_size_ + 1);
   }
   return out;
 }
 
 std::vector<int32_t> BlockManager::slot_mapping(View<int64_t> seq_ids, View<int64_t> num_new_tokens) const {
-  check_batch(seq_ids, num_new_tokens, "slot_mapping");
+  const SeqPtrs seqs = check_batch(seq_ids, num_new_tokens, "slot_mapping");
   std::vector<int32_t> out;
   for (std::size_t i = 0; i < seq_ids.size; ++i) {
-    const Sequence& seq = get(seq_ids[i]);
+    const Sequence& seq = *seqs[i];
     if (num_new_tokens[i] > seq.num_tokens) {
       throw std::invalid_argument("slot_mapping: num_new_tokens[" + std::to_string(i) + "] is " +
                                   std::to_string(num_new_tokens[i]) + " but sequence " +

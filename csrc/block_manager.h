@@ -44,6 +44,7 @@ struct PageTable {
   std::vector<int32_t> last_page_len;  // [num_seqs] tokens in each last block
 };
 
+// Not thread-safe: one engine loop owns a manager.
 class BlockManager {
  public:
   BlockManager(int32_t num_blocks, int32_t block_size);
@@ -78,13 +79,17 @@ class BlockManager {
   struct Sequence {
     std::vector<int32_t> block_table;
     int64_t num_tokens = 0;
+    mutable uint64_t seen_in = 0;  // last batch call that named it (duplicate check)
   };
+  using SeqPtrs = std::vector<const Sequence*>;
 
   const Sequence& get(int64_t seq_id) const;
   Sequence& get(int64_t seq_id);
   int64_t blocks_for(int64_t num_tokens) const { return (num_tokens + block_size_ - 1) / block_size_; }
-  void check_batch(View<int64_t> seq_ids, View<int64_t> num_new_tokens, const char* what) const;
-  void check_unique_ids(View<int64_t> seq_ids, const char* what) const;
+  // The sequences of a batch call, in order; raises for unknown or repeated ids.
+  SeqPtrs lookup_unique(View<int64_t> seq_ids, const char* what) const;
+  SeqPtrs check_batch(View<int64_t> seq_ids, View<int64_t> num_new_tokens, const char* what) const;
+  int64_t num_blocks_to_append(const SeqPtrs& seqs, View<int64_t> num_new_tokens) const;
   void require_free(int64_t needed, const char* what) const;
   int32_t take_block();
   void release(const std::vector<int32_t>& block_table);
@@ -95,6 +100,7 @@ class BlockManager {
   std::vector<int32_t> free_blocks_;  // stack: the most recently freed block is reused first
   std::unordered_map<int64_t, Sequence> seqs_;
   int64_t next_seq_id_ = 0;           // ids are never reused, so a freed id stays unknown
+  mutable uint64_t batch_calls_ = 0;  // numbers batch calls for Sequence::seen_in
 };
 
 }  // namespace pf_engine
