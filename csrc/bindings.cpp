@@ -191,5 +191,11 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
           "ref_counts", [](const BlockManager& self) { return copy_to_numpy(self.ref_counts()); },
           "int32 [num_blocks] sequences referencing each block.")
       .def("seq_ids", [](const BlockManager& self) { return to_numpy(self.seq_ids()); },
-           "int64 ids of the live sequences, ascending.");
+           "int64 ids of the live sequences, ascending.")
+      .def("__repr__", [](const BlockManager& self) {
+        return "BlockManager(num_blocks=" + std::to_string(self.num_blocks()) +
+               ", block_size=" + std::to_string(self.block_size()) +
+               ", num_free_blocks=" + std::to_string(self.num_free_blocks()) +
+               ", num_seqs=" + std::to_string(self.num_seqs()) + ")";
+      });
 }

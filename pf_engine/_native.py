@@ -17,8 +17,9 @@ try:
     from pf_engine import _C
 except ImportError as exc:  # pragma: no cover - only a broken install gets here
     raise ImportError(
-        "pf_engine._C (the native block manager) is missing or failed to load: "
-        "build it with `pip install .` from the source tree"
+        "pf_engine._C (the native block manager) is missing or failed to load: install "
+        "pf_engine with `pip install .` (or `pip install -e .` to work on it); if Python runs "
+        "from the source folder, its unbuilt pf_engine/ shadows the installed package"
     ) from exc
 
 try:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pf_engine
 from pf_engine import _native
@@ -26,7 +27,9 @@ def test_selfcheck_passes(capsys):
     assert "self-check passed" in capsys.readouterr().out
 
 
-def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "pf_engine.cli", "selfcheck"], capture_output=True, text=True)
+def test_console_script_runs(tmp_path):
+    script = Path(sys.executable).parent / "pf-engine"
+    assert script.exists(), f"the pf-engine command was not installed beside {sys.executable}"
+    result = subprocess.run([str(script), "selfcheck"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "self-check passed" in result.stdout
