@@ -1,0 +1,330 @@
+"""kernels/resample.py: the fused kernel against its torch reference, the math by hand,
+the statistics of every scheme, and its errors.
+
+The Triton interpreter costs ~25 ms per program (one per problem): kernel runs
+keep problems few; many-draw statistics also run on the reference, which the
+kernel matches exactly.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pf_engine.kernels.resample import (
+    AGGREGATIONS,
+    REWARD_KINDS,
+    SCHEMES,
+    ResampleParams,
+    fused_resample,
+    fused_resample_reference,
+    philox_uniform,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PARTICLE_COUNTS = [1, 7, 64, 1000]  # one problem of each size, in one launch
+PROBLEM_COUNTS = [1, 3, 9]
+IMPLS = [fused_resample, fused_resample_reference]
+
+
+def make_inputs(counts, reward="class_logits", seed=0, finished=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    seg = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    p = int(seg[-1])
+    prm = torch.rand(p, generator=gen) if reward == "reward" else 3 * torch.randn(p, 2, generator=gen)
+    live = torch.rand(p, generator=gen) >= finished
+    aggregates = torch.rand(p, generator=gen)
+    num_steps = torch.randint(0, 4, (p,), generator=gen, dtype=torch.int32)
+    return seg, prm.to(DEVICE), live.to(DEVICE), aggregates.to(DEVICE), num_steps.to(DEVICE)
+
+
+def assert_same(kernel, ref):
+    for name in ("ancestors", "resampled", "next_live", "num_steps", "next_num_steps"):
+        a, b = getattr(kernel, name).cpu(), getattr(ref, name).cpu()
+        diff = (a != b).nonzero().flatten()
+        assert len(diff) == 0, f"{name}: {len(diff)} of {a.numel()} differ, first at {diff[:5].tolist()}"
+    for name in ("rewards", "aggregates", "weights", "ess", "next_aggregates"):
+        torch.testing.assert_close(getattr(kernel, name), getattr(ref, name), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_kernel_equals_reference_every_scheme_and_aggregation(scheme, aggregation):
+    inputs = make_inputs(PARTICLE_COUNTS, seed=SCHEMES.index(scheme))
+    params = ResampleParams(aggregation=aggregation, scheme=scheme, temperature=0.7)
+    assert_same(fused_resample(*inputs, params, seed=11, counter=3), fused_resample_reference(*inputs, params, seed=11, counter=3))
+
+
+@pytest.mark.parametrize("reward", REWARD_KINDS)
+@pytest.mark.parametrize("num_problems", PROBLEM_COUNTS)
+def test_kernel_equals_reference_every_reward_kind(reward, num_problems):
+    counts = np.random.default_rng(num_problems).integers(1, 40, size=num_problems)
+    inputs = make_inputs(counts, reward=reward, seed=num_problems)
+    params = ResampleParams(reward=reward, aggregation="product", scheme="residual")
+    assert_same(fused_resample(*inputs, params, seed=5), fused_resample_reference(*inputs, params, seed=5))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_given_uniforms_are_used_exactly(impl):
+    seg, prm, live, agg, steps = make_inputs([5, 9])
+    params = ResampleParams(scheme="stratified")
+    uniforms = torch.rand(14, device=DEVICE)
+    out = impl(seg, prm, live, agg, steps, params, uniforms=uniforms)
+    other = impl(seg, prm, live, agg, steps, params, uniforms=1 - uniforms)
+    assert_same(out, fused_resample_reference(seg, prm, live, agg, steps, params, uniforms=uniforms))
+    # stratified point i of problem 0 is (i + u_i) / 5: recompute its ancestors by hand
+    cdf = torch.cumsum(out.weights[:5].double().cpu(), 0)
+    points = (torch.arange(5) + uniforms[:5].double().cpu()) / 5
+    assert out.ancestors[:5].tolist() == torch.searchsorted(cdf, points, right=True).clamp(max=4).tolist()
+    assert not torch.equal(out.ancestors, other.ancestors)
+
+
+def test_philox_draws_are_reproducible_per_seed_and_counter():
+    inputs = make_inputs([64, 64])
+    params = ResampleParams(scheme="multinomial")
+    a = fused_resample(*inputs, params, seed=7, counter=1)
+    assert torch.equal(a.ancestors, fused_resample(*inputs, params, seed=7, counter=1).ancestors)
+    assert not torch.equal(a.ancestors, fused_resample(*inputs, params, seed=7, counter=2).ancestors)
+    assert not torch.equal(a.ancestors, fused_resample(*inputs, params, seed=8, counter=1).ancestors)
+    u = philox_uniform(7, torch.arange(100_000) + (1 << 32))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_hand_worked_example_of_four_particles():
+    # Rewards 0.9, 0.5, 0.2, 0.5 with aggregation "last" and temperature 1:
+    # exp(logit(r)) = r / (1 - r) = 9, 1, 0.25, 1; their sum is 11.25, so the
+    # weights are 0.8, 0.0888..., 0.0222..., 0.0888...; ESS = 1 / sum(w^2)
+    # = 11.25^2 / (81 + 1 + 0.0625 + 1) = 126.5625 / 83.0625 = 1.52370...
+    # Systematic with u = 0.5: points 0.125, 0.375, 0.625, 0.875 against the
+    # cdf 0.8, 0.8889, 0.9111, 1.0 -> ancestors 0, 0, 0, 1.
+    # Residual: n*w = 3.2, 0.356, 0.089, 0.356 -> 3 fixed copies of particle 0,
+    # then one draw over remainders 0.2, 0.356, 0.089, 0.356 (sum 1.0); with
+    # u = 0.5 the point is 0.5: cdf 0.2, 0.556 -> particle 1.
+    rewards = torch.tensor([0.9, 0.5, 0.2, 0.5], device=DEVICE)
+    live = torch.ones(4, dtype=torch.bool, device=DEVICE)
+    zeros = torch.zeros(4, device=DEVICE)
+    steps = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    uniforms = torch.full((4,), 0.5, device=DEVICE)
+    for impl in IMPLS:
+        out = impl([0, 4], rewards, live, zeros, steps, ResampleParams(reward="reward"), uniforms=uniforms)
+        expected_w = torch.tensor([9, 1, 0.25, 1], device=DEVICE) / 11.25
+        torch.testing.assert_close(out.weights, expected_w)
+        assert out.ess.item() == pytest.approx(126.5625 / 83.0625, rel=1e-6)
+        assert out.ancestors.tolist() == [0, 0, 0, 1]
+        assert out.resampled.tolist() == [True]
+        torch.testing.assert_close(out.aggregates, rewards)
+        assert out.next_aggregates.tolist() == pytest.approx([0.9, 0.9, 0.9, 0.5])
+        res = impl([0, 4], rewards, live, zeros, steps, ResampleParams(reward="reward", scheme="residual"), uniforms=uniforms)
+        assert res.ancestors.tolist() == [0, 0, 0, 1]
+        # The same particles scored by a class head: logits [bad, good] with good - bad = logit(r).
+        logits = torch.stack([torch.zeros(4, device=DEVICE), torch.log(rewards / (1 - rewards))], dim=1)
+        head = impl([0, 4], logits, live, zeros, steps, ResampleParams(), uniforms=uniforms)
+        torch.testing.assert_close(head.weights, expected_w)
+        pair = impl([0, 4], logits.flip(1), live, zeros, steps, ResampleParams(reward="token_logits"), uniforms=uniforms)
+        torch.testing.assert_close(pair.weights, expected_w)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_aggregations_by_hand(impl):
+    # One particle, three steps with rewards 0.5, 0.8, 0.2.
+    expected = {"last": 0.2, "min": 0.2, "product": 0.5 * 0.8 * 0.2, "mean": 0.5}
+    live = torch.ones(1, dtype=torch.bool, device=DEVICE)
+    for aggregation, value in expected.items():
+        agg = torch.full((1,), 123.0, device=DEVICE)  # ignored before the first step
+        steps = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        for r in (0.5, 0.8, 0.2):
+            out = impl([0, 1], torch.tensor([r], device=DEVICE), live, agg, steps,
+                       ResampleParams(reward="reward", aggregation=aggregation))
+            agg, steps = out.next_aggregates, out.next_num_steps
+        assert agg.item() == pytest.approx(value, rel=1e-6), aggregation
+        assert steps.item() == 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_finished_particles_keep_their_state_and_stay_resamplable(impl):
+    rewards = torch.tensor([0.1, 0.99, 0.3], device=DEVICE)
+    live = torch.tensor([True, False, True], device=DEVICE)
+    agg = torch.tensor([0.5, 0.95, 0.5], device=DEVICE)
+    steps = torch.tensor([2, 5, 2], dtype=torch.int32, device=DEVICE)
+    uniforms = torch.full((3,), 0.5, device=DEVICE)
+    out = impl([0, 3], rewards, live, agg, steps, ResampleParams(reward="reward", aggregation="min"), uniforms=uniforms)
+    assert out.aggregates.tolist() == pytest.approx([0.1, 0.95, 0.3])
+    assert out.num_steps.tolist() == [3, 5, 3]
+    assert math.isnan(out.rewards[1].item()) and out.rewards[0].item() == pytest.approx(0.1)
+    # The finished particle has by far the highest weight and is chosen for every slot.
+    assert out.ancestors.tolist() == [1, 1, 1]
+    assert out.next_live.tolist() == [False, False, False]
+    assert out.next_num_steps.tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adaptive_resampling_only_below_the_ess_threshold(impl):
+    # Problem 0 has nearly equal weights (ESS ~ n), problem 1 one dominant particle.
+    rewards = torch.tensor([0.50, 0.51, 0.49, 0.50, 0.999, 0.01, 0.01, 0.01], device=DEVICE)
+    live = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    zeros, steps = torch.zeros(8, device=DEVICE), torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    out = impl([0, 4, 8], rewards, live, zeros, steps, ResampleParams(reward="reward", ess_threshold=0.5), seed=1)
+    assert out.resampled.tolist() == [False, True]
+    assert out.ess[0].item() > 0.5 * 4 > out.ess[1].item()
+    assert out.ancestors[:4].tolist() == [0, 1, 2, 3]  # identity where not resampled
+    assert out.ancestors[4:].tolist() == [4, 4, 4, 4]
+    torch.testing.assert_close(out.next_aggregates[:4], rewards[:4])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_zero_weights_fall_back_to_uniform(impl):
+    # clip=0 lets a reward of exactly 0 give weight 0 and a reward of 1 infinite log-weight.
+    params = ResampleParams(reward="reward", clip=0.0, scheme="systematic")
+    live = torch.ones(7, dtype=torch.bool, device=DEVICE)
+    zeros, steps = torch.zeros(7, device=DEVICE), torch.zeros(7, dtype=torch.int32, device=DEVICE)
+    rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.3, 1.0], device=DEVICE)
+    out = impl([0, 4, 7], rewards, live, zeros, steps, params, seed=2)
+    assert out.weights[:4].tolist() == [0.25] * 4
+    assert out.weights[4:].tolist() == [0.5, 0.0, 0.5]
+    assert set(out.ancestors[4:].tolist()) <= {4, 6}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_problems_are_skipped(impl):
+    seg, prm, live, agg, steps = make_inputs([0, 3, 0, 2, 0])
+    out = impl(seg, prm, live, agg, steps, ResampleParams(), seed=4)
+    assert out.ess[[0, 2, 4]].tolist() == [0, 0, 0]
+    assert out.ancestors[:3].max() < 3 and out.ancestors[3:].min() >= 3
+    assert out.weights.shape == (5,)
+
+
+# -- statistics --------------------------------------------------------------
+
+
+def offspring(ancestors, seg):
+    """[num_problems, n] offspring counts, for equal-size problems."""
+    n = seg[1] - seg[0]
+    local = ancestors.cpu().long() - torch.from_numpy(np.repeat(seg[:-1], np.diff(seg)))
+    return torch.nn.functional.one_hot(local.view(-1, n), n).sum(dim=1)
+
+
+def replicated(rewards, draws):
+    """The same problem ``draws`` times: one launch, independent draws."""
+    n = len(rewards)
+    seg = np.arange(draws + 1) * n
+    prm = torch.tensor(rewards, device=DEVICE).repeat(draws)
+    live = torch.ones(n * draws, dtype=torch.bool, device=DEVICE)
+    return seg, prm, live, torch.zeros_like(prm), torch.zeros(n * draws, dtype=torch.int32, device=DEVICE)
+
+
+REWARDS = [0.95, 0.6, 0.6, 0.3, 0.1, 0.05, 0.5, 0.0]  # the last has weight exactly 0 with clip=0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (fused_resample_reference, 20000)])
+def test_mean_offspring_is_n_times_weight(scheme, impl, draws):
+    inputs = replicated(REWARDS, draws)
+    out = impl(*inputs, ResampleParams(reward="reward", clip=0.0, scheme=scheme), seed=123)
+    n = len(REWARDS)
+    w = out.weights[:n].double().cpu()
+    counts = offspring(out.ancestors, inputs[0]).double()
+    assert (counts.sum(dim=1) == n).all()
+    assert (counts[:, -1] == 0).all(), "a zero-weight particle was chosen"
+    # Multinomial variance n w (1 - w) bounds every scheme's; 5 standard errors.
+    tolerance = 5 * torch.sqrt(n * w * (1 - w) / draws) + 1e-9
+    error = (counts.mean(dim=0) - n * w).abs()
+    assert (error <= tolerance).all(), f"mean offspring {counts.mean(0).tolist()} vs n*w {(n * w).tolist()}"
+
+
+@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (fused_resample_reference, 5000)])
+def test_systematic_offspring_within_floor_and_ceil(impl, draws):
+    inputs = replicated(REWARDS, draws)
+    out = impl(*inputs, ResampleParams(reward="reward", clip=0.0, scheme="systematic"), seed=9)
+    nw = len(REWARDS) * out.weights[: len(REWARDS)].double().cpu()
+    counts = offspring(out.ancestors, inputs[0])
+    assert ((counts >= torch.floor(nw - 1e-9)) & (counts <= torch.ceil(nw + 1e-9))).all()
+
+
+@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (fused_resample_reference, 5000)])
+def test_stratified_offspring_within_one_of_floor_and_ceil(impl, draws):
+    # Stratified counts can leave [floor(n w), ceil(n w)] by one: an interval
+    # of length n w = 1 that straddles two strata catches 0, 1 or 2 points.
+    inputs = replicated(REWARDS, draws)
+    out = impl(*inputs, ResampleParams(reward="reward", clip=0.0, scheme="stratified"), seed=9)
+    nw = len(REWARDS) * out.weights[: len(REWARDS)].double().cpu()
+    counts = offspring(out.ancestors, inputs[0])
+    assert ((counts >= torch.floor(nw - 1e-9) - 1) & (counts <= torch.ceil(nw + 1e-9) + 1)).all()
+    assert (counts[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stratified_can_give_two_copies_where_systematic_gives_one(impl):
+    # Weights 0.2, 1/3, 0.4667 (cdf 0.2, 0.533, 1): particle 1 has n w = 1.
+    # Stratified with u = (0.9, 0.1, 0.9): points 0.3, 0.367, 0.967 -> 1, 1, 2,
+    # two copies where floor/ceil allow one. Systematic with u = 0.9: points
+    # 0.3, 0.633, 0.967 -> 1, 2, 2.
+    rewards = torch.tensor([1 / 6, 1 / 4, 7 / 22], device=DEVICE)  # odds 1/5 : 1/3 : 7/15
+    live = torch.ones(3, dtype=torch.bool, device=DEVICE)
+    zeros, steps = torch.zeros(3, device=DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    uniforms = torch.tensor([0.9, 0.1, 0.9], device=DEVICE)
+    stratified = impl([0, 3], rewards, live, zeros, steps, ResampleParams(reward="reward", scheme="stratified"),
+                      uniforms=uniforms)
+    assert 3 * stratified.weights[1].item() == pytest.approx(1.0, abs=1e-6)
+    assert stratified.ancestors.tolist() == [1, 1, 2]
+    systematic = impl([0, 3], rewards, live, zeros, steps, ResampleParams(reward="reward"), uniforms=uniforms)
+    assert systematic.ancestors.tolist() == [1, 2, 2]
+
+
+# -- errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_prm_output_is_reported(impl, bad_value):
+    seg, prm, live, agg, steps = make_inputs([4, 4], finished=0.0)
+    prm[5, 1] = bad_value
+    before = prm.clone()
+    with pytest.raises(ValueError, match=r"NaN or inf logits for 1 live particles of problems \[1\]; first at particle 5"):
+        impl(seg, prm, live, agg, steps, ResampleParams())
+    torch.testing.assert_close(prm, before, rtol=0, atol=0, equal_nan=True)
+    live[5] = False  # a finished particle's output is never read
+    impl(seg, prm, live, agg, steps, ResampleParams())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rewards_outside_unit_interval_are_reported(impl):
+    seg, _, live, agg, steps = make_inputs([3], finished=0.0)
+    with pytest.raises(ValueError, match=r"reward outside \[0, 1\] or NaN .* first at particle 2"):
+        impl(seg, torch.tensor([0.5, 0.2, 1.5], device=DEVICE), live, agg, steps, ResampleParams(reward="reward"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"scheme": "bootstrap"}, "unknown scheme 'bootstrap'"),
+        ({"aggregation": "max"}, "unknown aggregation"),
+        ({"reward": "logits"}, "unknown reward"),
+        ({"temperature": 0.0}, "temperature must be a positive"),
+        ({"temperature": float("nan")}, "temperature must be a positive"),
+        ({"clip": 0.5}, r"clip must be in \[0, 0.5\)"),
+        ({"ess_threshold": 0.0}, "ess_threshold"),
+        ({"ess_threshold": 1.5}, "ess_threshold"),
+    ],
+)
+def test_params_validate_themselves(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResampleParams(**kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_malformed_inputs_are_refused(impl):
+    seg, prm, live, agg, steps = make_inputs([3, 2])
+    params = ResampleParams()
+    for args, message in (
+        (([0, 3, 2], prm, live, agg, steps), "never decrease"),
+        (([1, 3, 5], prm, live, agg, steps), "start at 0"),
+        ((seg, prm[:, 0], live, agg, steps), r"prm_output must be torch.float32 of shape \[5, 2\]"),
+        ((seg, prm, live.int(), agg, steps), "live must be torch.bool"),
+        ((seg, prm, live, agg.double(), steps), "aggregates must be torch.float32"),
+        ((seg, prm, live, agg, steps.long()), "num_steps must be torch.int32"),
+        (([0, 5000], torch.zeros(5000, 2), torch.ones(5000, dtype=torch.bool), torch.zeros(5000),
+          torch.zeros(5000, dtype=torch.int32)), "at most 4096"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            impl(*args, params)
