@@ -200,37 +200,32 @@ def _fused_resample_kernel(
     else:
         u = tl.rand(seed, g.to(tl.int64) + rand_base)
         u0 = tl.rand(seed, start.to(tl.int64) + rand_base)
-    w64 = w.to(tl.float64)
-    nf = n.to(tl.float64)
+    # Points lie in [0, total), total the cdf's last value: with uniforms in
+    # [0, 1) no point reaches it, so zero-weight particles are never chosen.
     if SCHEME == 3:
         nw = w * n.to(tl.float32)
         copies = tl.floor(nw)
-        num_fixed = tl.sum(copies.to(tl.int32), axis=0)
+        num_fixed = tl.sum(copies, axis=0)
         tl.store(scratch_ptr + g, tl.cumsum(copies.to(tl.float64), axis=0), mask=mask)
         tl.debug_barrier()
         fixed = _count_le(scratch_ptr + start, n, lane.to(tl.float64), mask, LOG2_BLOCK)
         tl.debug_barrier()
         cdf = tl.cumsum((nw - copies).to(tl.float64), axis=0)
-        eligible = mask & (nw - copies > 0)
-        points = u.to(tl.float64) * tl.sum((nw - copies).to(tl.float64), axis=0)
+        points = u.to(tl.float64) * tl.max(cdf, axis=0)
     else:
-        cdf = tl.cumsum(w64, axis=0)
-        eligible = mask & (w > 0)
+        cdf = tl.cumsum(w.to(tl.float64), axis=0)
+        total = tl.max(cdf, axis=0)
         if SCHEME == 0:
-            points = (lane.to(tl.float64) + u0.to(tl.float64)) / nf
+            points = (lane.to(tl.float64) + u0.to(tl.float64)) * (total / n.to(tl.float64))
         elif SCHEME == 1:
-            points = (lane.to(tl.float64) + u.to(tl.float64)) / nf
+            points = (lane.to(tl.float64) + u.to(tl.float64)) * (total / n.to(tl.float64))
         else:
-            points = u.to(tl.float64)
-        points = points * tl.sum(w64, axis=0)
+            points = u.to(tl.float64) * total
     tl.store(scratch_ptr + g, cdf, mask=mask)
     tl.debug_barrier()
-    chosen = _count_le(scratch_ptr + start, n, points, mask, LOG2_BLOCK)
-    # Rounding can put a point at the very top: give it to the last eligible particle.
-    last = tl.max(tl.where(eligible, lane, -1), axis=0)
-    chosen = tl.where(chosen >= n, last, chosen)
+    chosen = tl.minimum(_count_le(scratch_ptr + start, n, points, mask, LOG2_BLOCK), n - 1)
     if SCHEME == 3:
-        chosen = tl.where(lane < num_fixed, fixed, chosen)
+        chosen = tl.where(lane.to(tl.float32) < num_fixed, fixed, chosen)
     chosen = tl.where(do_resample, chosen, lane)
     tl.store(ancestor_ptr + g, start + chosen, mask=mask)
 
@@ -250,8 +245,10 @@ def _fused_resample_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms):
+def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter):
     """Validates shapes, dtypes and devices; returns seg_offsets as an int64 numpy array."""
+    if not 0 <= seed < 2**63 or not 0 <= counter < 2**31:
+        raise ValueError(f"seed must be in [0, 2**63) and counter in [0, 2**31), got {seed} and {counter}")
     seg = np.asarray(seg_offsets)
     if seg.ndim != 1 or seg.size < 1 or seg.dtype.kind not in "iu":
         raise ValueError(f"seg_offsets must be a 1-D integer array of num_problems + 1 offsets, got {seg.dtype} {seg.shape}")
@@ -277,6 +274,10 @@ def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, 
             raise ValueError(f"{name} must be {dtype} of shape {list(shape)}, got {t.dtype} {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but aggregates is on {device}")
+    if uniforms is not None and uniforms.numel():
+        lowest, highest = torch.aminmax(uniforms)
+        if not (lowest >= 0 and highest < 1):
+            raise ValueError(f"uniforms must lie in [0, 1), got values from {lowest.item()} to {highest.item()}")
     return seg
 
 
@@ -347,9 +348,7 @@ def fused_resample(
     ValueError
         Malformed inputs, or NaN/inf logits (rewards outside [0, 1]) at a live particle.
     """
-    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms)
-    if not 0 <= seed < 2**63 or not 0 <= counter < 2**31:
-        raise ValueError(f"seed must be in [0, 2**63) and counter in [0, 2**31), got {seed} and {counter}")
+    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
     device = aggregates.device
     num_problems, num_particles = len(seg) - 1, int(seg[-1])
     out = _empty_output(num_particles, num_problems, device)
@@ -403,9 +402,43 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def _search(cdf: torch.Tensor, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, how many of the row's valid cdf values are <= each point."""
-    return torch.searchsorted(cdf.masked_fill(~mask, float("inf")), points.contiguous(), right=True)
+class _Rows:
+    """Flat per-particle tensors seen as [num_problems, max_n] rows.
+
+    Equal-size problems are a free view; ragged ones are gathered and padded.
+    ``counts`` is [num_problems, 1] (an int when all are equal).
+    """
+
+    def __init__(self, seg: np.ndarray, device: torch.device):
+        sizes = np.diff(seg)
+        self.num_problems, self.width = len(sizes), int(sizes.max(initial=0))
+        self.equal = bool((sizes == self.width).all())
+        self.lane = torch.arange(self.width, device=device)
+        if self.equal:
+            self.counts = self.width
+            self.starts = torch.arange(0, self.num_problems * self.width, max(self.width, 1), device=device)[:, None]
+        else:
+            self.counts = torch.from_numpy(sizes).to(device)[:, None]
+            self.starts = torch.from_numpy(seg[:-1]).to(device)[:, None]
+            self.mask = self.lane < self.counts
+            self.index = (self.starts + self.lane).clamp(max=max(int(seg[-1]) - 1, 0))
+
+    def rows(self, x: torch.Tensor, fill) -> torch.Tensor:
+        if self.equal:
+            return x.view(self.num_problems, self.width)
+        return x[self.index].masked_fill_(~self.mask, fill)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1) if self.equal else x[self.mask]
+
+    def pad(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """Sets the padding lanes of a rows tensor to fill (nothing to do for equal sizes)."""
+        return x if self.equal else x.masked_fill_(~self.mask, fill)
+
+
+def _search(cdf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Per row, how many cdf values are <= each point."""
+    return torch.searchsorted(cdf, points, right=True)
 
 
 def fused_resample_reference(
@@ -420,24 +453,26 @@ def fused_resample_reference(
     uniforms: torch.Tensor | None = None,
 ) -> ResampleOutput:
     """Plain-torch :func:`fused_resample`: same arguments, same math, same draws."""
-    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms)
+    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
     device = aggregates.device
-    num_problems, num_particles = len(seg) - 1, int(seg[-1])
-    counts = torch.from_numpy(np.diff(seg)).to(device)
-    starts = torch.from_numpy(seg[:-1]).to(device)
+    num_particles = int(seg[-1])
+    rows = _Rows(seg, device)
 
-    # Step reward and running aggregate (flat).
+    # Step reward and running aggregate, flat.
     if params.reward == "reward":
         r = prm_output
-        bad = live & ~((r >= 0) & (r <= 1))
+        ok = (r >= 0) & (r <= 1)
     else:
         x0, x1 = prm_output[:, 0], prm_output[:, 1]
-        bad = live & ~torch.isfinite(prm_output).all(dim=1)
         diff = x1 - x0 if params.reward == "class_logits" else x0 - x1
-        r = 1.0 / (1.0 + torch.exp(-diff))
-    problem_of = torch.repeat_interleave(torch.arange(num_problems, device=device), counts)
-    invalid = torch.zeros(num_problems, dtype=torch.int32, device=device).index_add_(0, problem_of, bad.int())
-    _raise_on_invalid(invalid, prm_output, live, params)
+        r = torch.sigmoid(diff)
+        ok = diff.abs() < float("inf")  # inf - inf and anything with NaN are NaN
+    if not bool(ok.all()):  # finished particles may hold anything; look closer
+        bad = live & ~ok
+        sizes = torch.from_numpy(np.diff(seg)).to(device)
+        problem_of = torch.repeat_interleave(torch.arange(rows.num_problems, device=device), sizes)
+        invalid = torch.zeros(rows.num_problems, dtype=torch.int32, device=device).index_add_(0, problem_of, bad.int())
+        _raise_on_invalid(invalid, prm_output, live, params)
     prev, first = aggregates, num_steps == 0
     new = {
         "last": lambda: r,
@@ -448,66 +483,68 @@ def fused_resample_reference(
     agg = torch.where(live, new, prev)
     steps = torch.where(live, num_steps + 1, num_steps)
 
-    # Pad problems into rows: [num_problems, max_n].
-    max_n = int(counts.max()) if num_problems else 0
-    lane = torch.arange(max_n, device=device)
-    mask = lane[None, :] < counts[:, None]
-    flat = (starts[:, None] + lane[None, :]).clamp(max=max(num_particles - 1, 0))
-    n = counts[:, None]
+    # Weights, per problem row.
+    logw = torch.logit(agg, eps=params.clip if params.clip > 0 else None)
+    if params.temperature != 1.0:
+        logw = logw * (1.0 / params.temperature)
+    logw = rows.rows(logw, float("-inf"))
+    if params.clip > 0:  # every log-weight is finite
+        w = torch.softmax(logw, dim=1)
+    else:
+        top = logw.amax(dim=1, keepdim=True)
+        neg_inf = torch.tensor(float("-inf"), device=device)
+        shifted = torch.where(
+            top == float("inf"),
+            torch.where(logw == top, 0.0, neg_inf),
+            torch.where(top == float("-inf"), 0.0, logw - top),
+        )
+        w = torch.softmax(rows.pad(shifted, float("-inf")), dim=1)
+    w = rows.pad(w, 0.0)  # rows of empty problems are NaN
+    ess = torch.linalg.vecdot(w, w).reciprocal_()
+    counts = rows.counts if rows.equal else rows.counts.flatten()
+    if not rows.equal:
+        ess = torch.where(counts > 0, ess, 0.0)
+    if params.ess_threshold is None:
+        do_resample = torch.ones(rows.num_problems, dtype=torch.bool, device=device)
+    else:
+        do_resample = ess < params.ess_threshold * counts
 
-    a = agg.clamp(min=params.clip, max=1.0 - params.clip)
-    logw = ((torch.log(a) - torch.log(1.0 - a)) * (1.0 / params.temperature))[flat].masked_fill(~mask, float("-inf"))
-    top = logw.max(dim=1, keepdim=True).values if max_n else logw[:, :1]
-    neg_inf = torch.tensor(float("-inf"), device=device)
-    shifted = torch.where(
-        top == float("inf"),
-        torch.where(logw == top, 0.0, neg_inf),
-        torch.where(top == float("-inf"), torch.where(mask, 0.0, neg_inf), logw - top),
-    )
-    e = torch.exp(shifted).masked_fill(~mask, 0.0)
-    w = e / e.sum(dim=1, keepdim=True)
-    ess = torch.where(counts > 0, 1.0 / (w * w).sum(dim=1), 0.0)
-    threshold = float("inf") if params.ess_threshold is None else params.ess_threshold
-    do_resample = ess < threshold * counts.float()
-
+    # Points in [0, total) searched in the cdf; see the kernel.
     if uniforms is None:
         uniforms = philox_uniform(seed, torch.arange(num_particles, device=device) + (counter << 32))
-    u = uniforms[flat]
-    w64, lane64 = w.double(), lane.double()[None, :]
+    u = rows.rows(uniforms, 0.0).double()
     if params.scheme == "residual":
-        nw = w * n.float()
-        copies = torch.floor(nw).masked_fill(~mask, 0.0)
-        num_fixed = copies.int().sum(dim=1, keepdim=True)
-        fixed = _search(torch.cumsum(copies.double(), dim=1), lane64.expand_as(w64), mask)
-        rest = (nw - copies).masked_fill(~mask, 0.0).double()
-        cdf, eligible = torch.cumsum(rest, dim=1), mask & (rest > 0)
-        points = u.double() * rest.sum(dim=1, keepdim=True)
+        nw = w * rows.counts
+        copies = torch.floor(nw)
+        num_fixed = copies.sum(dim=1, keepdim=True)
+        cumcopies = rows.pad(torch.cumsum(copies.double(), dim=1), float("inf"))
+        fixed = _search(cumcopies, rows.lane.double().expand_as(cumcopies).contiguous())
+        cdf = torch.cumsum((nw - copies).double(), dim=1)
+        points = u * cdf[:, -1:]
     else:
-        cdf, eligible = torch.cumsum(w64, dim=1), mask & (w > 0)
+        cdf = torch.cumsum(w, dim=1, dtype=torch.float64)
         if params.scheme == "systematic":
-            points = (lane64 + u[:, :1].double()) / n.double()
+            points = (rows.lane + u[:, :1]) * (cdf[:, -1:] / rows.counts)
         elif params.scheme == "stratified":
-            points = (lane64 + u.double()) / n.double()
+            points = (rows.lane + u) * (cdf[:, -1:] / rows.counts)
         else:
-            points = u.double()
-        points = points * w64.sum(dim=1, keepdim=True)
-    chosen = _search(cdf, points, mask)
-    last = torch.where(eligible, lane[None, :], -1).max(dim=1, keepdim=True).values if max_n else chosen
-    chosen = torch.where(chosen >= n, last, chosen)
+            points = u * cdf[:, -1:]
+    chosen = _search(rows.pad(cdf, float("inf")), points)
     if params.scheme == "residual":
-        chosen = torch.where(lane[None, :] < num_fixed, fixed, chosen)
-    chosen = torch.where(do_resample[:, None], chosen, lane[None, :])
-    ancestors = (starts[:, None] + chosen)[mask]
+        chosen = torch.where(rows.lane < num_fixed, fixed, chosen)
+    if params.ess_threshold is not None:
+        chosen = torch.where(do_resample[:, None], chosen, rows.lane)
+    ancestors = rows.flat(chosen + rows.starts)
 
     return ResampleOutput(
         rewards=torch.where(live, r, float("nan")),
         aggregates=agg,
         num_steps=steps,
-        weights=w[mask],
-        ess=ess.float(),
+        weights=rows.flat(w),
+        ess=ess,
         resampled=do_resample,
         ancestors=ancestors.int(),
-        next_aggregates=agg[ancestors],
-        next_num_steps=steps[ancestors],
-        next_live=live[ancestors],
+        next_aggregates=agg.index_select(0, ancestors),
+        next_num_steps=steps.index_select(0, ancestors),
+        next_live=live.index_select(0, ancestors),
     )

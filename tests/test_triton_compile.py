@@ -1,0 +1,104 @@
+"""Every Triton kernel compiles to PTX for sm_80 and sm_90 (compile only: no GPU needed).
+
+The interpreter runs the kernels' math on the CPU but never lowers them; this
+catches what only the compiler rejects (types, unsupported ops, scalar
+branches). Compiling needs the kernels imported without TRITON_INTERPRET, so
+one subprocess compiles every variant and the tests read its report.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pf_engine.kernels.resample import AGGREGATIONS, REWARD_KINDS, SCHEMES
+
+ARCHS = [80, 90]
+
+RESAMPLE_TYPES = {
+    **dict.fromkeys(["seg_ptr", "steps_ptr", "steps_out_ptr", "ancestor_ptr", "next_steps_ptr", "invalid_ptr"], "*i32"),
+    **dict.fromkeys(["prm_ptr", "agg_ptr", "uniforms_ptr", "reward_ptr", "agg_out_ptr", "weight_ptr",
+                     "next_agg_ptr", "ess_ptr"], "*fp32"),
+    **dict.fromkeys(["live_ptr", "next_live_ptr", "resampled_ptr"], "*i8"),
+    "scratch_ptr": "*fp64",
+    "seed": "i64",
+    "rand_base": "i64",
+    **dict.fromkeys(["inv_temperature", "clip", "ess_threshold"], "fp32"),
+}
+# Each scheme, reward kind and aggregation once against the defaults, on sm_90; the default on sm_80.
+DEFAULT = ("systematic", "class_logits", "last", False)
+RESAMPLE_VARIANTS = sorted(
+    {(90, s, "class_logits", "last", False) for s in SCHEMES}
+    | {(90, "systematic", r, "last", False) for r in REWARD_KINDS}
+    | {(90, "systematic", "class_logits", a, False) for a in AGGREGATIONS}
+    | {(90, "systematic", "class_logits", "last", True), (80, *DEFAULT)}
+)
+COPY_VARIANTS = [(arch, word) for arch in ARCHS for word in ("*i16", "*i32")]
+
+
+def variant_id(*parts):
+    return "-".join(str(p) for p in parts)
+
+
+def compile_all():
+    """Runs without TRITON_INTERPRET: compiles every variant, prints {id: "ok" or the error}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pf_engine.kernels.copy_blocks import _copy_blocks_kernel
+    from pf_engine.kernels.resample import _fused_resample_kernel
+
+    def compile_ptx(kernel, types, constexprs, arch):
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+        return "ok" if ".entry " + kernel.__name__ in ptx else "no entry point in the PTX"
+
+    report = {}
+    for arch, word in COPY_VARIANTS:
+        types = {"kv_ptr": word, "pairs_ptr": "*i32", "layer_stride": "i64", "block_numel": "i32"}
+        try:
+            report[variant_id("copy", arch, word)] = compile_ptx(_copy_blocks_kernel, types, {"BLOCK": 1024}, arch)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            report[variant_id("copy", arch, word)] = f"{type(exc).__name__}: {exc}"
+    for arch, scheme, reward, aggregation, use_uniforms in RESAMPLE_VARIANTS:
+        constexprs = {
+            "REWARD_KIND": REWARD_KINDS.index(reward),
+            "AGGREGATION": AGGREGATIONS.index(aggregation),
+            "SCHEME": SCHEMES.index(scheme),
+            "USE_UNIFORMS": use_uniforms,
+            "BLOCK": 1024,
+            "LOG2_BLOCK": 10,
+        }
+        key = variant_id("resample", arch, scheme, reward, aggregation, use_uniforms)
+        try:
+            report[key] = compile_ptx(_fused_resample_kernel, RESAMPLE_TYPES, constexprs, arch)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            report[key] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch,word", COPY_VARIANTS)
+def test_copy_blocks_compiles(report, arch, word):
+    assert report[variant_id("copy", arch, word)] == "ok"
+
+
+@pytest.mark.parametrize("arch,scheme,reward,aggregation,use_uniforms", RESAMPLE_VARIANTS)
+def test_fused_resample_compiles(report, arch, scheme, reward, aggregation, use_uniforms):
+    assert report[variant_id("resample", arch, scheme, reward, aggregation, use_uniforms)] == "ok"
+
+
+if __name__ == "__main__":
+    compile_all()
