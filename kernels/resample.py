@@ -26,7 +26,9 @@ The math, per problem of ``n`` particles (``r`` the newest step's reward):
   (zero-weight particles never are); points are ``(i + u) / n`` with one uniform
   per problem (systematic), ``(i + u_i) / n`` (stratified), ``u_i`` (multinomial),
   or ``floor(n w)`` deterministic copies followed by multinomial draws from the
-  remainders (residual).
+  remainders (residual). Points are scaled by the cdf's last value rather than
+  the cdf normalized, so rounding never lifts a point past the top; the cdf
+  and points are float64.
 
 Uniforms are ``philox_uniform(seed, (counter << 32) + particle)`` (Triton's
 ``tl.rand``), so a (seed, counter) pair reproduces a call exactly, or are
