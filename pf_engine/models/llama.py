@@ -1,0 +1,162 @@
+"""Llama-family decoder (Llama, Mistral without sliding window, SmolLM2) over the paged KV cache.
+
+Module and parameter names follow Hugging Face checkpoints, so weights load by name.
+"""
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from pf_engine.attention import AttentionMetadata
+
+# Rope types whose frequencies change with the sequence length at run time.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary:
+    """cos/sin of the config's rope type, as transformers computes them.
+
+    A plain object, not a module: its frequencies are derived from the config,
+    never loaded, and survive building the model on the meta device.
+    """
+
+    def __init__(self, config):
+        params = config.rope_parameters
+        rope_type = params.get("rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE:
+            raise ValueError(f"rope type {rope_type!r} depends on the sequence length at run time and is not supported")
+        if rope_type == "default":
+            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+            scaling = 1.0
+        elif rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device="cpu")
+        else:
+            raise ValueError(f"unknown rope type {rope_type!r}")
+        self.inv_freq = inv_freq.float().cpu()
+        self.scaling = scaling
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+
+    def forward(self, x, cos, sin, plan, kv_layer):
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        return self.o_proj(plan.attend(q, k, v, kv_layer).reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, biases: tuple[bool, bool]):
+        super().__init__()
+        self.self_attn = Attention(config, *biases)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, plan, kv_layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, kv_layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers and the final norm: token ids in, hidden states out."""
+
+    def __init__(self, config, biases: tuple[bool, bool]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, biases) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config)
+        self.scale = self.layers[0].self_attn.head_dim ** -0.5 if config.num_hidden_layers else 1.0
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, backend, kv: torch.Tensor) -> torch.Tensor:
+        """input_ids: int64 [num_tokens]; kv: [num_layers, num_blocks, 2, block_size, Hkv, D]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(meta.positions, x.dtype)
+        plan = backend.plan(meta, self.scale)
+        for layer, kv_layer in zip(self.layers, kv):
+            x = layer(x, cos, sin, plan, kv_layer)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.attention_biases(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    @staticmethod
+    def attention_biases(config) -> tuple[bool, bool]:
+        """(q/k/v projections, output projection) carry a bias."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, meta, backend, kv) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of the new tokens."""
+        return self.model(input_ids, meta, backend, kv)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def token_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a few tokens only (token-pair PRMs): [num_tokens, len(token_ids)]."""
+        return hidden @ self.lm_head.weight[token_ids].T

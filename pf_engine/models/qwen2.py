@@ -1,0 +1,42 @@
+"""Qwen2 (Qwen2.5, Qwen2.5-Math) policies and the Qwen2.5-Math-PRM class-head reward model."""
+
+import torch
+from torch import nn
+
+from pf_engine.models.llama import DecoderModel, LlamaForCausalLM
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biased q/k/v projections."""
+
+    @staticmethod
+    def attention_biases(config) -> tuple[bool, bool]:
+        return True, False
+
+
+class Qwen2ForProcessRewardModel(nn.Module):
+    """Qwen2 trunk and a 2-class head (hidden -> hidden -> ReLU -> 2) read at each step separator.
+
+    ``score(hidden)`` gives [num_tokens, 2] logits [bad, good]; the step reward is
+    softmax(logits)[1].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, Qwen2ForCausalLM.attention_biases(config))
+        num_labels = getattr(config, "num_labels", 2)
+        if num_labels != 2:
+            raise ValueError(f"a process reward model needs a 2-class head, the config has num_labels={num_labels}")
+        self.score = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(), nn.Linear(config.hidden_size, 2)
+        )
+
+    def tie_weights(self) -> None:
+        pass
+
+    def forward(self, input_ids, meta, backend, kv) -> torch.Tensor:
+        return self.model(input_ids, meta, backend, kv)
+
+    def class_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden)
