@@ -1,0 +1,197 @@
+"""The model runner against transformers' own forward of the same checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from pf_engine import OutOfBlocksError
+from pf_engine.models import load_model
+from pf_engine.runner import ModelRunner
+from pf_engine.sampling import SamplingParams, sample
+
+VOCAB = 101
+# (architecture, tied embeddings): GQA everywhere (4 query heads, 2 KV heads)
+MODELS = [("llama", True), ("llama", False), ("qwen2", False), ("qwen2", True)]
+PROMPT_LENGTHS = [1, 7, 13]
+ATOL = 2e-5
+
+
+def tiny_config(arch, tied):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=tied)
+    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+
+
+def save_tiny(arch, tied, folder, seed=0, **save_kwargs):
+    torch.manual_seed(seed)
+    hf_cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    hf = hf_cls(tiny_config(arch, tied)).eval()
+    hf.save_pretrained(folder, **save_kwargs)
+    return hf
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=lambda m: f"{m[0]}-{'tied' if m[1] else 'untied'}")
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    hf = save_tiny(*request.param, folder)
+    return hf, folder
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0]
+
+
+def runner_for(folder, num_blocks=128, block_size=4):
+    model, _ = load_model(folder)
+    return ModelRunner(model, num_blocks=num_blocks, block_size=block_size, backend="torch")
+
+
+@pytest.mark.parametrize("prompt_len", PROMPT_LENGTHS)
+def test_prefill_and_20_decode_steps_match_transformers(checkpoint, prompt_len):
+    hf, folder = checkpoint
+    runner = runner_for(folder)
+    gen = torch.Generator().manual_seed(prompt_len)
+    tokens = torch.randint(0, VOCAB, (prompt_len,), generator=gen).tolist()
+    seq = runner.manager.allocate(0)
+    logits = runner.logits(runner.forward([seq], [tokens]))
+    torch.testing.assert_close(logits, hf_logits(hf, tokens), atol=ATOL, rtol=1e-4)
+    for _ in range(20):
+        tokens.append(int(torch.randint(0, VOCAB, (1,), generator=gen)))
+        logits = runner.logits(runner.forward([seq], [tokens[-1:]]))
+        torch.testing.assert_close(logits[0], hf_logits(hf, tokens)[-1], atol=ATOL, rtol=1e-4)
+    assert runner.manager.num_tokens(seq) == prompt_len + 20
+
+
+def test_mixed_batch_of_prefills_and_decodes(checkpoint):
+    hf, folder = checkpoint
+    runner = runner_for(folder)
+    gen = torch.Generator().manual_seed(1)
+    histories = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 9, 2)]
+    seqs = [runner.manager.allocate(0) for _ in histories]
+    runner.forward(seqs[:2], histories[:2])  # sequences 0 and 1 exist; 2 prefills below
+    new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))], [3, 4, 5], histories[2]]
+    hidden = runner.forward(seqs, new)
+    logits = runner.logits(hidden)
+    assert logits.shape == (1 + 3 + 2, VOCAB)
+    start = 0
+    for history, tokens in zip(histories[:2] + [[]], new):
+        expected = hf_logits(hf, history + tokens)[-len(tokens):]
+        torch.testing.assert_close(logits[start:start + len(tokens)], expected, atol=ATOL, rtol=1e-4)
+        start += len(tokens)
+
+
+def test_forked_particles_share_the_prompt_and_match_after_resampling(checkpoint):
+    hf, folder = checkpoint
+    runner = runner_for(folder, num_blocks=96, block_size=4)
+    bm = runner.manager
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, VOCAB, (10,), generator=gen).tolist()  # 2.5 blocks: the last is shared, partly full
+    root = bm.allocate(0)
+    runner.forward([root], [prompt])
+    blocks_after_prompt = bm.num_blocks - bm.num_free_blocks
+    particles = [root] + [bm.fork(root) for _ in range(7)]
+    assert bm.num_blocks - bm.num_free_blocks == blocks_after_prompt  # forks copy nothing
+    tokens = {p: list(prompt) for p in particles}
+
+    def decode(steps):
+        for _ in range(steps):
+            new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))] for _ in particles]
+            logits = runner.logits(runner.forward(particles, new))
+            for p, t, row in zip(particles, new, logits):
+                tokens[p] += t
+                torch.testing.assert_close(row, hf_logits(hf, tokens[p])[-1], atol=ATOL, rtol=1e-4)
+
+    decode(3)
+    ancestors = np.array([0, 0, 0, 3, 3, 5, 6, 6])
+    parents = [particles[a] for a in ancestors]
+    particles = bm.resample(particles, ancestors).tolist()
+    tokens = {child: list(tokens[parent]) for child, parent in zip(particles, parents)}
+    decode(4)  # the first token after resampling copies the shared, partly filled last blocks
+    # every block is referenced by the particles that share it, no more
+    refs = np.zeros(bm.num_blocks, dtype=np.int64)
+    for p in particles:
+        np.add.at(refs, bm.block_table(p), 1)
+    assert bm.ref_counts().tolist() == refs.tolist()
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = save_tiny("qwen2", False, tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    runner = runner_for(tmp_path)
+    seq = runner.manager.allocate(0)
+    torch.testing.assert_close(runner.logits(runner.forward([seq], [[1, 2, 3]])), hf_logits(hf, [1, 2, 3]),
+                               atol=ATOL, rtol=1e-4)
+
+
+def test_missing_weight_names_file_and_tensor(tmp_path):
+    save_tiny("llama", False, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weight model\.layers\.1\.mlp\.up_proj\.weight not found in .*model\.safetensors"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+    save_tiny("llama", True, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape"):
+        load_model(tmp_path)
+
+
+def test_unsupported_architecture_and_missing_files(tmp_path):
+    save_tiny("llama", True, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json names architecture 'GPT2LMHeadModel'; supported"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(tmp_path / "nowhere")
+    config["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no \*\.safetensors weights"):
+        load_model(tmp_path)
+
+
+def test_bad_tokens_and_full_cache_change_nothing(checkpoint):
+    _, folder = checkpoint
+    runner = runner_for(folder, num_blocks=3, block_size=4)
+    seq = runner.manager.allocate(0)
+    runner.forward([seq], [[1, 2, 3]])
+    with pytest.raises(ValueError, match=rf"token id {VOCAB} is outside the vocabulary"):
+        runner.forward([seq], [[5, VOCAB]])
+    with pytest.raises(OutOfBlocksError):
+        runner.forward([seq], [list(range(20))])
+    assert runner.manager.num_tokens(seq) == 3 and runner.manager.num_free_blocks == 2
+
+
+def test_sampling():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)
+    assert sample(logits, SamplingParams(temperature=0)).tolist() == logits.argmax(-1).tolist()
+    assert sample(logits, SamplingParams(top_k=1), gen).tolist() == logits.argmax(-1).tolist()
+    assert sample(logits, SamplingParams(top_p=1e-6), gen).tolist() == logits.argmax(-1).tolist()
+    a = sample(logits, SamplingParams(), torch.Generator().manual_seed(5))
+    b = sample(logits, SamplingParams(), torch.Generator().manual_seed(5))
+    assert a.tolist() == b.tolist()
+    top3 = logits.topk(3, dim=-1).indices
+    draws = torch.stack([sample(logits, SamplingParams(top_k=3, temperature=2.0), gen) for _ in range(200)], 1)
+    assert all(set(d.tolist()) <= set(t.tolist()) for d, t in zip(draws, top3))
+    # top_p keeps the smallest prefix of the sorted distribution that holds p of the mass
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    draws = torch.stack([sample(probs.log(), SamplingParams(top_p=0.7), gen) for _ in range(300)])
+    assert set(draws.flatten().tolist()) == {0, 1}
+    for kwargs, message in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)
