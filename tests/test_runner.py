@@ -195,3 +195,20 @@ def test_sampling():
     for kwargs, message in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")):
         with pytest.raises(ValueError, match=message):
             SamplingParams(**kwargs)
+
+
+def test_triton_backend_agrees_with_torch(checkpoint):
+    hf, folder = checkpoint
+    model, _ = load_model(folder)
+    runners = [ModelRunner(model, num_blocks=64, block_size=4, backend=name) for name in ("torch", "triton")]
+    gen = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, VOCAB, (6,), generator=gen).tolist()
+    particles = []
+    for runner in runners:
+        root = runner.manager.allocate(0)
+        runner.forward([root], [prompt])
+        particles.append([root] + [runner.manager.fork(root) for _ in range(3)])
+    for _ in range(4):
+        new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))] for _ in range(4)]
+        torch_logits, triton_logits = (r.logits(r.forward(p, new)) for r, p in zip(runners, particles))
+        torch.testing.assert_close(triton_logits, torch_logits, atol=ATOL, rtol=1e-4)

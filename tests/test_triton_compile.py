@@ -36,6 +36,8 @@ RESAMPLE_VARIANTS = sorted(
     | {(90, "systematic", "class_logits", "last", True), (80, *DEFAULT)}
 )
 COPY_VARIANTS = [(arch, word) for arch in ARCHS for word in ("*i16", "*i32")]
+# (arch, dtype, group, head_dim, block_size)
+DECODE_VARIANTS = [(arch, dtype, 4, 64, 16) for arch in ARCHS for dtype in ("fp32", "bf16")] + [(90, "bf16", 3, 96, 5)]
 
 
 def variant_id(*parts):
@@ -49,6 +51,7 @@ def compile_all():
     from triton.compiler import ASTSource
 
     from pf_engine.kernels.copy_blocks import _copy_blocks_kernel
+    from pf_engine.kernels.paged_attention import _paged_decode_kernel
     from pf_engine.kernels.resample import _fused_resample_kernel
 
     def compile_ptx(kernel, types, constexprs, arch):
@@ -57,13 +60,10 @@ def compile_all():
         ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
         return "ok" if ".entry " + kernel.__name__ in ptx else "no entry point in the PTX"
 
-    report = {}
+    jobs = []  # (report key, kernel, argument types, constexprs, arch)
     for arch, word in COPY_VARIANTS:
         types = {"kv_ptr": word, "pairs_ptr": "*i32", "layer_stride": "i64", "block_numel": "i32"}
-        try:
-            report[variant_id("copy", arch, word)] = compile_ptx(_copy_blocks_kernel, types, {"BLOCK": 1024}, arch)
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            report[variant_id("copy", arch, word)] = f"{type(exc).__name__}: {exc}"
+        jobs.append((variant_id("copy", arch, word), _copy_blocks_kernel, types, {"BLOCK": 1024}, arch))
     for arch, scheme, reward, aggregation, use_uniforms in RESAMPLE_VARIANTS:
         constexprs = {
             "REWARD_KIND": REWARD_KINDS.index(reward),
@@ -74,8 +74,21 @@ def compile_all():
             "LOG2_BLOCK": 10,
         }
         key = variant_id("resample", arch, scheme, reward, aggregation, use_uniforms)
+        jobs.append((key, _fused_resample_kernel, RESAMPLE_TYPES, constexprs, arch))
+    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+    for arch, dtype, group, head_dim, block_size in DECODE_VARIANTS:
+        types = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
+                 "out_ptr": f"*{dtype}", "scale": "fp32",
+                 **dict.fromkeys(["stride_table", "stride_block", "stride_kv", "stride_token", "stride_head"], "i32")}
+        constexprs = {"GROUP": group, "GROUP_PAD": pow2(group), "HEAD_DIM": head_dim, "HEAD_DIM_PAD": pow2(head_dim),
+                      "BLOCK_SIZE": block_size, "BLOCK_SIZE_PAD": pow2(block_size)}
+        key = variant_id("decode", arch, dtype, group, head_dim, block_size)
+        jobs.append((key, _paged_decode_kernel, types, constexprs, arch))
+
+    report = {}
+    for key, kernel, types, constexprs, arch in jobs:
         try:
-            report[key] = compile_ptx(_fused_resample_kernel, RESAMPLE_TYPES, constexprs, arch)
+            report[key] = compile_ptx(kernel, types, constexprs, arch)
         except Exception as exc:  # noqa: BLE001 - reported to the test
             report[key] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(report))
@@ -93,6 +106,11 @@ def report(tmp_path_factory):
 @pytest.mark.parametrize("arch,word", COPY_VARIANTS)
 def test_copy_blocks_compiles(report, arch, word):
     assert report[variant_id("copy", arch, word)] == "ok"
+
+
+@pytest.mark.parametrize("arch,dtype,group,head_dim,block_size", DECODE_VARIANTS)
+def test_paged_decode_compiles(report, arch, dtype, group, head_dim, block_size):
+    assert report[variant_id("decode", arch, dtype, group, head_dim, block_size)] == "ok"
 
 
 @pytest.mark.parametrize("arch,scheme,reward,aggregation,use_uniforms", RESAMPLE_VARIANTS)
