@@ -5,6 +5,7 @@ import torch
 
 from pf_engine.attention import build_metadata, get_backend
 from pf_engine.kv_cache import KVCache
+from pf_engine.models.llama import head_dim
 
 
 class ModelRunner:
@@ -21,9 +22,8 @@ class ModelRunner:
         self.model = model
         self.device = param.device
         self.vocab_size = config.vocab_size
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_cache = KVCache(
-            config.num_hidden_layers, config.num_key_value_heads, head_dim, num_blocks, block_size,
+            config.num_hidden_layers, config.num_key_value_heads, head_dim(config), num_blocks, block_size,
             dtype=kv_dtype or param.dtype, device=self.device,
         )
         self.backend = get_backend(backend, self.device)

@@ -52,5 +52,6 @@ class TorchPlan:
 class TorchBackend:
     name = "torch"
 
-    def plan(self, meta: AttentionMetadata, scale: float) -> TorchPlan:
+    def plan(self, meta: AttentionMetadata, scale: float, num_q_heads: int, num_kv_heads: int, head_dim: int,
+             dtype: torch.dtype) -> TorchPlan:
         return TorchPlan(meta, scale)

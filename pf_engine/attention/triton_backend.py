@@ -18,5 +18,5 @@ class TritonDecodePlan:
 class TritonBackend:
     name = "triton"
 
-    def plan(self, meta: AttentionMetadata, scale: float):
+    def plan(self, meta: AttentionMetadata, scale: float, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
         return TritonDecodePlan(meta, scale) if meta.is_decode else TorchPlan(meta, scale)

@@ -14,6 +14,10 @@ from pf_engine.attention import AttentionMetadata
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -40,7 +44,7 @@ class Rotary:
         if rope_type in _DYNAMIC_ROPE:
             raise ValueError(f"rope type {rope_type!r} depends on the sequence length at run time and is not supported")
         if rope_type == "default":
-            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dim = head_dim(config)
             inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
             scaling = 1.0
         elif rope_type in ROPE_INIT_FUNCTIONS:
@@ -70,7 +74,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -120,13 +124,15 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, biases) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
-        self.scale = self.layers[0].self_attn.head_dim ** -0.5 if config.num_hidden_layers else 1.0
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim(config)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, backend, kv: torch.Tensor) -> torch.Tensor:
         """input_ids: int64 [num_tokens]; kv: [num_layers, num_blocks, 2, block_size, Hkv, D]."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, x.dtype)
-        plan = backend.plan(meta, self.scale)
+        plan = backend.plan(meta, self.head_dim**-0.5, self.num_heads, self.num_kv_heads, self.head_dim, x.dtype)
         for layer, kv_layer in zip(self.layers, kv):
             x = layer(x, cos, sin, plan, kv_layer)
         return self.norm(x)
