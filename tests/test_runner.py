@@ -212,3 +212,53 @@ def test_triton_backend_agrees_with_torch(checkpoint):
         new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))] for _ in range(4)]
         torch_logits, triton_logits = (r.logits(r.forward(p, new)) for r, p in zip(runners, particles))
         torch.testing.assert_close(triton_logits, torch_logits, atol=ATOL, rtol=1e-4)
+
+
+ROPE_VARIANTS = [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0},
+]
+
+
+@pytest.mark.parametrize("rope", ROPE_VARIANTS, ids=lambda r: r["rope_type"])
+def test_rope_scaling_as_the_config_says(tmp_path, rope):
+    torch.manual_seed(0)
+    config = tiny_config("llama", False)
+    config.rope_parameters = rope
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    runner = runner_for(tmp_path)
+    tokens = torch.randint(0, VOCAB, (150,), generator=torch.Generator().manual_seed(1)).tolist()  # past 128
+    seq = runner.manager.allocate(0)
+    torch.testing.assert_close(runner.logits(runner.forward([seq], [tokens])), hf_logits(hf, tokens),
+                               atol=ATOL, rtol=1e-4)
+
+
+def test_length_dependent_rope_is_refused(tmp_path):
+    config = tiny_config("llama", False)
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope type 'dynamic' depends on the sequence length"):
+        load_model(tmp_path)
+
+
+def test_mistral_without_sliding_window_runs_as_llama(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=None)
+    hf = MistralForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    runner = runner_for(tmp_path)
+    seq = runner.manager.allocate(0)
+    torch.testing.assert_close(runner.logits(runner.forward([seq], [[4, 8, 15, 16, 23, 42]])),
+                               hf_logits(hf, [4, 8, 15, 16, 23, 42]), atol=ATOL, rtol=1e-4)
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    config_json["sliding_window"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        load_model(tmp_path)

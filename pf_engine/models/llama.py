@@ -43,14 +43,15 @@ class Rotary:
         rope_type = params.get("rope_type", "default")
         if rope_type in _DYNAMIC_ROPE:
             raise ValueError(f"rope type {rope_type!r} depends on the sequence length at run time and is not supported")
-        if rope_type == "default":
-            dim = head_dim(config)
-            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
-            scaling = 1.0
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device="cpu")
-        else:
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unknown rope type {rope_type!r}")
+        with torch.device("cpu"):  # also when the model is being built on the meta device
+            if rope_type == "default":
+                dim = head_dim(config)
+                inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+                scaling = 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device="cpu")
         self.inv_freq = inv_freq.float().cpu()
         self.scaling = scaling
 
