@@ -22,8 +22,15 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0 (0 is off), got {self.top_k!r}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row. logits: [num_seqs, vocab]; returns int64 [num_seqs]."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row. logits: [num_seqs, vocab]; returns int64 [num_seqs].
+
+    With ``uniforms`` (float [num_seqs] in [0, 1)) a row takes the token where
+    its uniform falls in the cumulative distribution (inverse CDF), so a draw
+    depends on its own uniform only, not on the batch around it; otherwise
+    tokens come from ``torch.multinomial`` with ``generator``.
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
@@ -36,4 +43,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(dim=-1)
+    points = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, points, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)

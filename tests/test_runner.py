@@ -262,3 +262,19 @@ def test_mistral_without_sliding_window_runs_as_llama(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_json))
     with pytest.raises(ValueError, match="sliding-window attention"):
         load_model(tmp_path)
+
+
+def test_inverse_cdf_sampling_follows_its_uniforms():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.log()
+    pick = lambda u: sample(logits, SamplingParams(), uniforms=torch.tensor(u)).tolist()  # noqa: E731
+    assert pick([0.05, 0.0]) == [0, 0]
+    assert pick([0.1, 0.26]) == [2, 1]  # token 1 has no mass and is skipped
+    assert pick([0.69, 0.99]) == [2, 3]
+    assert pick([0.71, 0.5]) == [3, 2]
+    # each row depends on its own uniform only
+    assert sample(logits[1:], SamplingParams(), uniforms=torch.tensor([0.5])).tolist() == [2]
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    draws = sample(logits[:1].expand(20000, -1), SamplingParams(), uniforms=u)
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
