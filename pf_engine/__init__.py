@@ -7,4 +7,18 @@ from pf_engine.kv_cache import KVCache
 BlockManager = _C.BlockManager
 
 __version__ = "0.1.0"
-__all__ = ["BlockManager", "KVCache", "OutOfBlocksError", "PfEngineError", "__version__"]
+__all__ = ["BlockManager", "Engine", "KVCache", "OutOfBlocksError", "PfEngineError", "Result", "SearchConfig",
+           "__version__"]
+
+
+def __getattr__(name):
+    # The engine pulls in transformers and the models: imported on first use, not with the package.
+    if name in ("Engine", "Result"):
+        from pf_engine import api
+
+        return getattr(api, name)
+    if name == "SearchConfig":
+        from pf_engine.search.config import SearchConfig
+
+        return SearchConfig
+    raise AttributeError(f"module 'pf_engine' has no attribute {name!r}")

@@ -1,0 +1,246 @@
+"""The step loop's parts: start problems, expand every live particle by one step,
+score the step, resample; the policy's and the PRM's KV caches fork together.
+
+Randomness is counter-based: the draw for a token is Philox(seed, key) with
+key = (problem, round, slot, token in step), so a particle's tokens do not
+depend on how problems were batched together::
+
+    bits  62..43 problem   42..23 round   22..12 slot   11..0 token in step
+"""
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pf_engine.answers import boxed_answer
+from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_reference, philox_uniform
+from pf_engine.prm import ClassHeadPRM, TokenPairPRM
+from pf_engine.runner import ModelRunner
+from pf_engine.sampling import SamplingParams, sample
+
+_RESAMPLE_TOKEN = 4095  # the token field of the key reserved for resampling draws
+
+
+def philox_key(problem: int, round_: int, slot, token) -> torch.Tensor:
+    """int64 Philox offsets for the bit layout in the module docstring (slot, token: int or int tensors)."""
+    slot, token = torch.as_tensor(slot, dtype=torch.int64), torch.as_tensor(token, dtype=torch.int64)
+    return (problem << 43) | (round_ << 23) | (slot << 12) | token
+
+
+@dataclass
+class Particle:
+    problem: int  # index of its problem in the engine's current batch
+    slot: int  # position among its problem's particles
+    seq_id: int  # policy sequence
+    prm_seq_id: int | None  # PRM sequence (model PRMs only)
+    logits: torch.Tensor  # [vocab] float32 logits of the next token
+    steps: list[str] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)  # the step being written
+    num_tokens: int = 0  # generated so far
+    node: int = -1  # tree node of its newest step
+    finished: bool = False
+
+
+@dataclass
+class TreeNode:
+    """One step of one particle, alive or not: the search tree is the list of these."""
+
+    node: int
+    problem: int
+    parent: int  # -1 for a first step
+    depth: int  # 0 for a first step
+    text: str
+    reward: float | None = None
+    weight: float | None = None
+    num_children: int = 0  # copies that survived resampling; 0 for a dead branch, until the end
+    finished: bool = False
+
+
+class RulePRM:
+    """A Python callable ``f(question, steps) -> reward in [0, 1]`` as a PRM (rule-based verifiers)."""
+
+    reward_kind = "reward"
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError(f"a rule PRM must be callable f(question, steps) -> float, got {type(fn).__name__}")
+        self.fn = fn
+
+
+def _timed(phase: str):
+    """Adds the wall time of each call to ``self.stats["seconds_<phase>"]``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                self.stats[f"seconds_{phase}"] += time.perf_counter() - start
+
+        return timed
+
+    return wrap
+
+
+class ParticleEngine:
+    """Runs particles of many problems as one batch on a policy (and optional PRM) runner.
+
+    prm: None, a RulePRM, or a ClassHeadPRM / TokenPairPRM on its own runner.
+    """
+
+    def __init__(self, policy: ModelRunner, tokenizer, prm=None, prm_tokenizer=None):
+        self.policy, self.tokenizer = policy, tokenizer
+        self.prm, self.prm_tokenizer = prm, prm_tokenizer
+        self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.stats = {"tokens_generated": 0, "prm_tokens": 0, "peak_blocks": 0, "seconds_prefill": 0.0,
+                      "seconds_expand": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0}
+
+    # -- prompts ---------------------------------------------------------------
+    def prompt_ids(self, question: str) -> list[int]:
+        return _chat_prompt(self.tokenizer, question)
+
+    @_timed("prefill")
+    def start(self, questions: list[str], keys: list[int], num_particles: int) -> list[Particle]:
+        """Prefill each prompt once (one batched forward), then fork it into ``num_particles``."""
+        prompts = [self.prompt_ids(q) for q in questions]
+        roots = [self.policy.manager.allocate(0) for _ in prompts]
+        logits = self.policy.logits(self.policy.forward(roots, prompts)[ModelRunner.last_token_index(prompts)])
+        prm_roots = [None] * len(prompts)
+        if isinstance(self.prm, (ClassHeadPRM, TokenPairPRM)):
+            prm_prompts = [_chat_prompt(self.prm_tokenizer, q) for q in questions]
+            prm_roots = [self.prm.runner.manager.allocate(0) for _ in prm_prompts]
+            self.prm.runner.forward(prm_roots, prm_prompts)
+            self.stats["prm_tokens"] += sum(map(len, prm_prompts))
+        particles = []
+        for b, (root, prm_root) in enumerate(zip(roots, prm_roots)):
+            for slot in range(num_particles):
+                seq = root if slot == 0 else self.policy.manager.fork(root)
+                prm_seq = prm_root if slot == 0 or prm_root is None else self.prm.runner.manager.fork(prm_root)
+                particles.append(Particle(b, slot, seq, prm_seq, logits[b]))
+        self._note_blocks()
+        return particles
+
+    # -- expand ----------------------------------------------------------------
+    @_timed("expand")
+    def expand(self, particles: list[Particle], keys: list[int], round_: int, sampling: SamplingParams,
+               seed: int, delimiter: str, max_step_tokens: int, max_new_tokens: int, stop_at_boxed: bool) -> list[Particle]:
+        """Decode one step for every unfinished particle; returns those that wrote a step."""
+        active = [p for p in particles if not p.finished]
+        for p in active:
+            p.step_tokens = []
+        writing = active
+        while writing:
+            logits = torch.stack([p.logits for p in writing])
+            offsets = philox_key(0, round_, torch.tensor([p.slot for p in writing]),
+                                 torch.tensor([len(p.step_tokens) for p in writing]))
+            offsets |= torch.tensor([keys[p.problem] << 43 for p in writing])
+            tokens = sample(logits, sampling, uniforms=philox_uniform(seed, offsets)).tolist()
+            feed, still = [], []
+            for p, token in zip(writing, tokens):
+                p.step_tokens.append(token)
+                p.num_tokens += 1
+                if token in self.eos_ids:
+                    p.finished = True
+                    continue
+                text = self.tokenizer.decode(p.step_tokens, skip_special_tokens=True)
+                if p.num_tokens >= max_new_tokens or (stop_at_boxed and boxed_answer(text) is not None):
+                    p.finished = True
+                    continue
+                feed.append(p)
+                if delimiter not in text and len(p.step_tokens) < max_step_tokens:
+                    still.append(p)
+            self.stats["tokens_generated"] += len(writing)
+            if feed:
+                hidden = self.policy.forward([p.seq_id for p in feed], [[p.step_tokens[-1]] for p in feed])
+                for p, row in zip(feed, self.policy.logits(hidden)):
+                    p.logits = row
+                self._note_blocks()
+            writing = still
+        for p in active:
+            p.steps.append(self.tokenizer.decode(p.step_tokens, skip_special_tokens=True))
+        return active
+
+    # -- score -----------------------------------------------------------------
+    @_timed("score")
+    def score(self, questions: list[str], particles: list[Particle], scored: list[Particle]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """PRM output of the newest step of each particle in ``scored``.
+
+        Returns (prm_output for every particle, live mask, reward kind); rows of
+        particles not scored hold zeros and are not read by the kernel.
+        """
+        index = {id(p): i for i, p in enumerate(particles)}
+        rows = torch.tensor([index[id(p)] for p in scored], dtype=torch.long)
+        live = torch.zeros(len(particles), dtype=torch.bool)
+        live[rows] = True
+        if self.prm is None:
+            raise ValueError("this search needs a PRM: pass prm= to the Engine")
+        if isinstance(self.prm, RulePRM):
+            out = torch.zeros(len(particles))
+            rewards = [float(self.prm.fn(questions[p.problem], list(p.steps))) for p in scored]
+            out[rows] = torch.tensor(rewards, dtype=torch.float32)
+            return out, live, "reward"
+        out = torch.zeros(len(particles), 2)
+        if scored:
+            steps = [self.prm_tokenizer.encode(p.steps[-1], add_special_tokens=False) for p in scored]
+            out[rows] = self.prm.score([p.prm_seq_id for p in scored], steps).cpu()
+            self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
+        return out, live, self.prm.reward_kind
+
+    # -- resample --------------------------------------------------------------
+    @_timed("resample")
+    def weigh(self, particles: list[Particle], keys: list[int], round_: int, prm_output, live, aggregates,
+              num_steps, params, seed: int, num_particles: int) -> ResampleOutput:
+        """Rewards, weights, ESS and ancestors for all problems in one fused call."""
+        num_problems = len(particles) // num_particles
+        seg = np.arange(num_problems + 1) * num_particles
+        slots = torch.arange(len(particles)) % num_particles
+        problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
+        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(0, round_, slots, _RESAMPLE_TOKEN) | (problems << 43))
+        device = self.policy.device
+        fused = fused_resample if device.type == "cuda" else fused_resample_reference
+        return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
+                     params, uniforms=uniforms.to(device))
+
+    @_timed("resample")
+    def follow(self, particles: list[Particle], ancestors, num_particles: int) -> list[Particle]:
+        """Replace the particles by copies of their chosen ancestors: one resample per block manager."""
+        ancestors = np.asarray(ancestors)
+        new_ids = self.policy.manager.resample([p.seq_id for p in particles], ancestors).tolist()
+        new_prm_ids = [None] * len(particles)
+        if isinstance(self.prm, (ClassHeadPRM, TokenPairPRM)):
+            new_prm_ids = self.prm.runner.manager.resample([p.prm_seq_id for p in particles], ancestors).tolist()
+        children = []
+        for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids)):
+            parent = particles[a]
+            children.append(Particle(parent.problem, j % num_particles, seq, prm_seq, parent.logits,
+                                     list(parent.steps), [], parent.num_tokens, parent.node, parent.finished))
+        return children
+
+    def release(self, particles: list[Particle]) -> None:
+        for p in particles:
+            self.policy.manager.free(p.seq_id)
+            if p.prm_seq_id is not None:
+                self.prm.runner.manager.free(p.prm_seq_id)
+
+    def _note_blocks(self) -> None:
+        used = self.policy.manager.num_blocks - self.policy.manager.num_free_blocks
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], used)
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _chat_prompt(tokenizer, question: str) -> list[int]:
+    """The question as a user turn of the tokenizer's chat template (plain text where it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer.encode(question + "\n", add_special_tokens=True)

@@ -1,0 +1,71 @@
+"""What a search does: one frozen, self-validating config."""
+
+from dataclasses import dataclass
+
+from pf_engine.kernels.resample import ResampleParams
+from pf_engine.sampling import SamplingParams
+
+ALGORITHMS = ("particle_filter", "best_of_n", "self_consistency")
+FINAL_ANSWERS = ("best", "sampled", "vote")
+MAX_PARTICLES = 1024
+MAX_STEP_TOKENS = 4095  # a step's tokens are counted in 12 bits of each draw's Philox counter
+
+
+@dataclass(frozen=True, slots=True)
+class SearchConfig:
+    """A search over reasoning steps.
+
+    Steps end at ``step_delimiter`` (found in the decoded text, also inside a
+    token), at EOS, after ``max_step_tokens`` tokens, or, with
+    ``stop_at_boxed``, once a ``\\boxed{...}`` answer is complete (which also
+    finishes the particle). A particle finishes at EOS, at a boxed answer, or
+    after ``max_new_tokens`` tokens or ``max_steps`` steps. Weights are
+    ``softmax(logit(aggregate) / weight_temperature)`` per problem (see
+    pf_engine.kernels.resample).
+    """
+
+    algorithm: str = "particle_filter"
+    num_particles: int = 8
+    max_steps: int = 32
+    max_step_tokens: int = 256
+    max_new_tokens: int = 1024
+    step_delimiter: str = "\n\n"
+    stop_at_boxed: bool = True
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    aggregation: str = "last"
+    scheme: str = "systematic"
+    weight_temperature: float = 1.0
+    ess_threshold: float | None = None
+    final_answer: str = "best"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.final_answer not in FINAL_ANSWERS:
+            raise ValueError(f"unknown final_answer {self.final_answer!r}; choose one of {', '.join(FINAL_ANSWERS)}")
+        if not isinstance(self.num_particles, int) or not 1 <= self.num_particles <= MAX_PARTICLES:
+            raise ValueError(f"num_particles must be an int in [1, {MAX_PARTICLES}], got {self.num_particles!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (particles must differ), got {self.temperature}")
+        if not 1 <= self.max_step_tokens <= MAX_STEP_TOKENS:
+            raise ValueError(f"max_step_tokens must be in [1, {MAX_STEP_TOKENS}], got {self.max_step_tokens}")
+        for name in ("max_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.step_delimiter:
+            raise ValueError("step_delimiter must be a non-empty string")
+        if not 0 <= self.seed < 2**62:
+            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
+        self.sampling  # noqa: B018 - validates top_p and top_k
+        self.resample_params("reward")  # validates aggregation, scheme, weight_temperature, ess_threshold
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def resample_params(self, reward_kind: str) -> ResampleParams:
+        return ResampleParams(reward=reward_kind, aggregation=self.aggregation, temperature=self.weight_temperature,
+                              scheme=self.scheme, ess_threshold=self.ess_threshold)

@@ -1,0 +1,31 @@
+"""Tiny random checkpoints with a character-level tokenizer, for end-to-end tests."""
+
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHARS = list(string.ascii_letters + string.digits + " .,+-*/=?()\\{}\n")
+SPECIALS = ["<eos>", "<pad>"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def save_tiny_policy(folder, seed=0, **config):
+    """A random Llama over the character vocabulary, saved with its tokenizer."""
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    model = LlamaForCausalLM(LlamaConfig(**(settings | config))).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
