@@ -66,6 +66,8 @@ class Engine:
                  prm_good: str | None = None, prm_bad: str | None = None):
         from transformers import AutoTokenizer
 
+        if prm is not None and not callable(prm) and not isinstance(prm, (str, Path)):
+            raise TypeError(f"prm must be None, a callable or a checkpoint path, got {type(prm).__name__}")
         if policy is None:
             from pf_engine.models.smollm2 import smollm2_path
 
@@ -77,8 +79,6 @@ class Engine:
         if isinstance(prm, (str, Path)):
             prm_model, prm_config = load_model(prm, dtype=dtype, device=device)
             prm_tokenizer = AutoTokenizer.from_pretrained(prm)
-        elif prm is not None and not callable(prm):
-            raise TypeError(f"prm must be None, a callable or a checkpoint path, got {type(prm).__name__}")
 
         if kv_cache_memory is None:
             kv_cache_memory = (torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda"

@@ -1,0 +1,178 @@
+"""The engine end to end on tiny random models: every algorithm, the tree, memory pressure, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import char_tokenizer, save_tiny_policy
+from transformers import Qwen2Config, Qwen2Model
+
+from pf_engine import Engine, OutOfBlocksError, SearchConfig
+from pf_engine.search.config import ALGORITHMS
+
+QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?"]
+SMALL = dict(num_particles=4, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
+
+
+def vowel_reward(question, steps):
+    return min(1.0, 0.1 + 0.2 * sum(ch in "aeiou" for ch in steps[-1]))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("policy")
+    save_tiny_policy(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    return Engine(policy=policy, prm=vowel_reward, kv_cache_memory=8 << 20)
+
+
+def check_tree(result, num_particles):
+    ids = [n.node for n in result.tree]
+    assert ids == sorted(ids)
+    by_id = {n.node: n for n in result.tree}
+    for n in result.tree:
+        assert n.parent == -1 or (n.parent in by_id and by_id[n.parent].depth == n.depth - 1)
+    # every final particle's text is the concatenation of its ancestors' steps
+    leaves = [n for n in result.tree if not any(c.parent == n.node for c in result.tree)]
+    leaf_texts = {path_text_by_id(by_id, n.node) for n in leaves}
+    for text in result.particles:
+        assert text in leaf_texts
+    assert len(result.particles) == len(result.weights) == num_particles
+    assert sum(result.weights) == pytest.approx(1.0, abs=1e-5)
+
+
+def path_text_by_id(by_id, node):
+    parts = []
+    while node >= 0:
+        parts.append(by_id[node].text)
+        node = by_id[node].parent
+    return "".join(reversed(parts))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_completes_with_a_consistent_tree(engine, algorithm):
+    results = engine.solve(QUESTIONS, SearchConfig(algorithm=algorithm, **SMALL))
+    assert [r.question for r in results] == QUESTIONS
+    for r in results:
+        check_tree(r, 4)
+        assert r.text in r.particles and r.text == "".join(r.steps)
+        assert r.stats["tokens_generated"] > 0
+    inner = [n for r in results for n in r.tree if any(c.parent == n.node for c in r.tree)]
+    if algorithm == "particle_filter":
+        # resampling happened: some steps died, some were copied
+        assert {n.num_children for r in results for n in r.tree} - {1}
+        assert all(n.reward is not None for r in results for n in r.tree)
+    else:
+        assert all(n.num_children == 0 for n in inner)  # nothing was resampled
+
+
+def test_results_do_not_depend_on_batching(policy):
+    config = SearchConfig(**SMALL, seed=3)
+    roomy = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=8 << 20).solve(QUESTIONS, config)
+    tight_engine = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=96 << 10)
+    tight = tight_engine.solve(QUESTIONS, config)
+    assert [r.stats["problems_in_batch"] for r in tight] == [1, 1, 1]
+    assert [r.stats["problems_in_batch"] for r in roomy] == [3, 3, 3]
+    for a, b in zip(roomy, tight):
+        assert a.particles == b.particles and a.weights == pytest.approx(b.weights)
+    assert tight_engine.policy.manager.num_free_blocks == tight_engine.policy.manager.num_blocks
+
+
+def test_a_problem_too_big_for_the_cache_says_how_much_it_needs(policy):
+    engine = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=16 << 10)
+    with pytest.raises(OutOfBlocksError, match=r"problem 0 needs \d+ KV blocks \([\d.]+ MiB\)"):
+        engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
+
+
+def test_final_answers(policy):
+    # a rule PRM that loves steps with a digit; the vote groups equivalent boxed answers
+    engine = Engine(policy=policy, prm=lambda q, s: 0.95 if any(c.isdigit() for c in s[-1]) else 0.05,
+                    kv_cache_memory=8 << 20)
+    for final in ("best", "sampled", "vote"):
+        (result,) = engine.solve(QUESTIONS[:1], SearchConfig(final_answer=final, **SMALL))
+        assert result.text in result.particles
+    (best,) = engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
+    assert best.weights[best.particles.index(best.text)] == max(best.weights)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_particles": 0}, "num_particles"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"scheme": "bootstrap"}, "unknown scheme"),
+        ({"algorithm": "mcts"}, "unknown algorithm"),
+        ({"final_answer": "longest"}, "unknown final_answer"),
+        ({"max_step_tokens": 0}, "max_step_tokens"),
+        ({"step_delimiter": ""}, "step_delimiter"),
+    ],
+)
+def test_config_validates_itself(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**kwargs)
+
+
+def test_bad_problems_and_paths(engine, tmp_path):
+    for problems, error, message in (
+        ([""], ValueError, "problem 0 is empty"),
+        ([{"answer": "4"}], ValueError, "neither a 'problem' nor a 'question'"),
+        ([42], TypeError, "must be a string or a dict"),
+    ):
+        with pytest.raises(error, match=message):
+            engine.solve(problems, SearchConfig(**SMALL))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Engine(policy=tmp_path / "missing", prm=vowel_reward)
+    with pytest.raises(TypeError, match="prm must be None, a callable or a checkpoint path"):
+        Engine(policy=tmp_path / "missing", prm=3)
+
+
+def test_searches_that_need_a_prm_refuse_to_run_without_one(policy):
+    engine = Engine(policy=policy, kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="particle_filter needs a PRM"):
+        engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
+    (result,) = engine.solve(QUESTIONS[:1], SearchConfig(algorithm="self_consistency", **SMALL))
+    assert result.weights == [0.25] * 4
+
+
+def save_tiny_class_prm(folder):
+    tokenizer = char_tokenizer()
+    torch.manual_seed(5)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    trunk = Qwen2Model(config)
+    head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    weights = {f"model.{k}": v for k, v in trunk.state_dict().items()} | {f"score.{k}": v for k, v in head.state_dict().items()}
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config.to_dict() | {"architectures": ["Qwen2ForProcessRewardModel"]}))
+    tokenizer.save_pretrained(folder)
+
+
+def test_model_prms_score_incrementally(policy, tmp_path):
+    save_tiny_class_prm(tmp_path / "class_prm")
+    class_engine = Engine(policy=policy, prm=tmp_path / "class_prm", prm_separator="?", kv_cache_memory=8 << 20)
+    token_engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-",
+                          kv_cache_memory=8 << 20)
+    for engine in (class_engine, token_engine):
+        results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL))
+        for r in results:
+            check_tree(r, 4)
+            rewards = [n.reward for n in r.tree]
+            assert all(0 < x < 1 for x in rewards) and len(set(rewards)) > 1
+            # each step's tokens reached the PRM once: prompt + steps + one marker per step
+            assert r.stats["prm_tokens"] > 0
+        prm_manager = engine.core.prm.runner.manager
+        assert prm_manager.num_free_blocks == prm_manager.num_blocks
+
+
+def test_prm_marker_must_be_one_token(policy, tmp_path):
+    save_tiny_class_prm(tmp_path / "class_prm")
+    with pytest.raises(ValueError, match=r"prm_separator '<extra_0>' is \d+ tokens for the PRM's tokenizer"):
+        Engine(policy=policy, prm=tmp_path / "class_prm", kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="needs prm_step_tag, prm_good and prm_bad"):
+        Engine(policy=policy, prm=policy, kv_cache_memory=8 << 20)
