@@ -31,6 +31,7 @@ class Result:
     weights: list[float]  # final weights of all particles
     particles: list[str]  # final texts of all particles
     tree: list[TreeNode]
+    leaves: list[int] = field(default_factory=list)  # tree node of each final particle's newest step
     stats: dict = field(default_factory=dict)
 
     def tree_records(self) -> list[dict]:
@@ -173,7 +174,7 @@ class Engine:
             chosen = int(np.argmax(weights))
             answer = answers[chosen]
         return Result(question, answer, texts[chosen], list(outcome.particles[chosen].steps), weights, texts,
-                      outcome.tree, dict(stats))
+                      outcome.tree, [p.node for p in outcome.particles], dict(stats))
 
 
 def _question(problem, index: int) -> str:

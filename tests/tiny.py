@@ -10,17 +10,17 @@ CHARS = list(string.ascii_letters + string.digits + " .,+-*/=?()\\{}\n")
 SPECIALS = ["<eos>", "<pad>"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+def char_tokenizer(chars=CHARS) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(chars))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def save_tiny_policy(folder, seed=0, **config):
-    """A random Llama over the character vocabulary, saved with its tokenizer."""
-    tokenizer = char_tokenizer()
+def save_tiny_policy(folder, seed=0, chars=CHARS, **config):
+    """A random Llama over a character vocabulary, saved with its tokenizer."""
+    tokenizer = char_tokenizer(chars)
     torch.manual_seed(seed)
     settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -1,0 +1,100 @@
+"""On a toy whose answer distribution is known exactly, particle filtering converges to it.
+
+The policy is a tiny random LM over 7 tokens; a step is one token, a run has 3
+steps, and a rule PRM scores each step by its character. Resampling by
+weights w = odds(reward)^(1/T) after every step makes the final weighted
+particles target pi(x) ~ p_LM(x) * prod_rounds w(x at that round) (a finished
+particle keeps its last reward). pi is computed by enumerating every path.
+"""
+
+import functools
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from tiny import save_tiny_policy
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pf_engine import Engine, SearchConfig
+
+CHARS = ["a", "b", "c", "?", "\n"]
+REWARD = {"a": 0.9, "b": 0.5, "c": 0.15, "?": 0.3, "\n": 0.6, "": 0.4}
+ROUNDS = 3
+WEIGHT_TEMPERATURE = 1.5
+QUESTION = "?"
+SEEDS = range(4)
+PARTICLES = [16, 128, 1024]
+
+
+def reward(question, steps):
+    return REWARD[steps[-1]]
+
+
+def log_odds(r):
+    return (math.log(r) - math.log1p(-r)) / WEIGHT_TEMPERATURE
+
+
+def exact_first_step(folder):
+    """pi's marginal of the first step, by enumerating every path of ROUNDS steps."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.encode(QUESTION + "\n", add_special_tokens=True)
+
+    @functools.cache
+    def next_probs(prefix):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([prompt + list(prefix)])).logits[0, -1], dim=0).tolist()
+
+    marginal = defaultdict(float)
+    prior = defaultdict(float)
+    for token, p in enumerate(next_probs(())):
+        prior[tokenizer.decode([token], skip_special_tokens=True)] += p
+
+    def walk(prefix, first, prob, log_w, round_, finished, last_reward):
+        if round_ == ROUNDS:
+            marginal[first] += prob * math.exp(log_w)
+            return
+        if finished:  # not extended; its last reward weighs in again
+            walk(prefix, first, prob, log_w + log_odds(last_reward), round_ + 1, True, last_reward)
+            return
+        for token, p in enumerate(next_probs(prefix)):
+            text = tokenizer.decode([token], skip_special_tokens=True)
+            r = REWARD[text]
+            eos = token == tokenizer.eos_token_id
+            walk(prefix if eos else prefix + (token,), text if round_ == 0 else first, prob * p,
+                 log_w + log_odds(r), round_ + 1, eos or round_ + 1 == ROUNDS, r)
+
+    walk((), None, 1.0, 0.0, 0, False, None)
+    total = sum(marginal.values())
+    return {k: v / total for k, v in marginal.items()}, dict(prior)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    save_tiny_policy(folder, seed=7, chars=CHARS, hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                     num_key_value_heads=1, initializer_range=0.6)
+    return folder, exact_first_step(folder)
+
+
+@pytest.mark.parametrize("num_particles", PARTICLES)
+def test_weighted_particles_converge_to_the_exact_posterior(toy, num_particles):
+    folder, (exact, prior) = toy
+    engine = Engine(policy=folder, prm=reward, kv_cache_memory=64 << 20)
+    estimate = defaultdict(float)
+    for seed in SEEDS:
+        config = SearchConfig(num_particles=num_particles, max_steps=ROUNDS, max_step_tokens=1, max_new_tokens=ROUNDS,
+                              temperature=1.0, weight_temperature=WEIGHT_TEMPERATURE, stop_at_boxed=False,
+                              seed=seed)
+        (result,) = engine.solve([QUESTION], config)
+        nodes = {node.node: node for node in result.tree}
+        for leaf, weight in zip(result.leaves, result.weights):
+            while nodes[leaf].parent >= 0:
+                leaf = nodes[leaf].parent
+            estimate[nodes[leaf].text] += weight / len(SEEDS)
+    error = max(abs(estimate[k] - exact.get(k, 0.0)) for k in set(exact) | set(estimate))
+    assert error <= 3 / math.sqrt(num_particles * len(SEEDS)), (dict(estimate), exact)
+    # the check has teeth: the posterior is far from both a point mass and the LM's own first step
+    assert max(exact.values()) < 0.9
+    assert max(abs(exact.get(k, 0.0) - prior.get(k, 0.0)) for k in set(exact) | set(prior)) > 0.1
