@@ -101,6 +101,7 @@ else:
 setup(
     packages=find_packages(include=["pf_engine", "pf_engine.*"]) + ["pf_engine.kernels"],
     package_dir={"pf_engine.kernels": "kernels"},
+    package_data={"pf_engine": ["data/*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

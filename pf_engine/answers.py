@@ -47,3 +47,19 @@ def weighted_vote(answers: list[str | None], weights: list[float]) -> str | None
         else:
             classes.append((answer, weight))
     return max(classes, key=lambda c: c[1])[0] if classes else None
+
+
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last ``\\boxed{...}``, else the last number in the text (commas dropped), else None."""
+    boxed = boxed_answer(text)
+    if boxed is not None:
+        return boxed
+    numbers = _LAST_NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def is_correct(answer: str | None, gold) -> bool:
+    return answer is not None and equivalent(answer, str(gold))

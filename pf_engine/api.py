@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pf_engine.answers import boxed_answer, weighted_vote
+from pf_engine.answers import extract_answer, weighted_vote
 from pf_engine.engine import ParticleEngine, RulePRM, TreeNode
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.models import load_model
@@ -22,10 +22,14 @@ DEFAULT_KV_MEMORY_CPU = 1 << 30
 
 @dataclass
 class Result:
-    """One problem's outcome. ``tree`` holds every step of every particle, alive and dead."""
+    """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
+
+    ``stats`` are those of the batch the problem ran in (``stats["batch"]`` numbers it):
+    tokens generated, PRM tokens prefilled, peak KV blocks, seconds per phase.
+    """
 
     question: str
-    answer: str | None  # the chosen text's last \\boxed{...}, or the vote's winner
+    answer: str | None  # the chosen text's answer (last \\boxed{...}, else last number), or the vote's winner
     text: str  # the chosen particle's full answer
     steps: list[str]  # its steps
     weights: list[float]  # final weights of all particles
@@ -129,7 +133,7 @@ class Engine:
                     f"holds {capacity} blocks ({self.kv_cache_memory / 2**20:.1f} MiB): raise kv_cache_memory "
                     f"or lower num_particles / max_new_tokens")
         results: list[Result] = []
-        start = 0
+        start = batch = 0
         while start < len(questions):
             end, used = start, 0
             while end < len(questions) and used + needs[end] <= capacity:
@@ -139,11 +143,11 @@ class Engine:
             began = time.perf_counter()
             outcomes = run_search(self.core, questions[start:end], list(range(start, end)), config)
             stats = {k: v - before.get(k, 0) for k, v in self.core.stats.items() if k != "peak_blocks"}
-            stats |= {"peak_blocks": self.core.stats["peak_blocks"], "problems_in_batch": end - start,
+            stats |= {"peak_blocks": self.core.stats["peak_blocks"], "batch": batch, "problems_in_batch": end - start,
                       "batch_seconds": time.perf_counter() - began}
             for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes), start):
                 results.append(self._result(question, outcome, config, key, stats))
-            start = end
+            start, batch = end, batch + 1
             if progress:
                 progress(len(results))
         return results
@@ -162,7 +166,7 @@ class Engine:
     def _result(self, question, outcome, config, key, stats) -> Result:
         texts = ["".join(p.steps) for p in outcome.particles]
         weights = outcome.weights
-        answers = [boxed_answer(t) for t in texts]
+        answers = [extract_answer(t) for t in texts]
         if config.final_answer == "vote" or config.algorithm == "self_consistency":
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
