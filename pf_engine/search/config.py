@@ -16,7 +16,9 @@ class SearchConfig:
     """A search over reasoning steps.
 
     Steps end at ``step_delimiter`` (found in the decoded text, also inside a
-    token), at EOS, after ``max_step_tokens`` tokens, or, with
+    token: the text that token carries after the delimiter stays in the step,
+    since the KV cache holds whole tokens), at EOS, after ``max_step_tokens``
+    tokens, or, with
     ``stop_at_boxed``, once a ``\\boxed{...}`` answer is complete (which also
     finishes the particle). A particle finishes at EOS, at a boxed answer, or
     after ``max_new_tokens`` tokens or ``max_steps`` steps. Weights are
