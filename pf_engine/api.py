@@ -155,12 +155,12 @@ class Engine:
     def _blocks_needed(self, question: str, config: SearchConfig) -> int:
         """Worst-case blocks of one problem: its prompt once, then every particle's own tokens."""
         bs = self.block_size
-        own = -(-config.max_new_tokens // bs) + 1
-        need = -(-len(self.core.prompt_ids(question)) // bs) + config.num_particles * own
+        prompt_blocks = -(-len(self.core.prompt_ids(question)) // bs)
+        need = prompt_blocks + config.num_particles * (-(-config.max_new_tokens // bs) + 1)
         if isinstance(self.core.prm, (ClassHeadPRM, TokenPairPRM)):
             # PRM tokens: its own tokenization (up to twice the policy's) and one marker per step
             prm_own = -(-(2 * config.max_new_tokens + config.max_steps) // bs) + 1
-            need = max(need, -(-len(self.core.prompt_ids(question)) // bs) * 2 + config.num_particles * prm_own)
+            need = max(need, 2 * prompt_blocks + config.num_particles * prm_own)
         return need
 
     def _result(self, question, outcome, config, key, stats) -> Result:

@@ -175,12 +175,12 @@ class ParticleEngine:
         Returns (prm_output for every particle, live mask, reward kind); rows of
         particles not scored hold zeros and are not read by the kernel.
         """
+        if self.prm is None:
+            raise ValueError("this search needs a PRM: pass prm= to the Engine")
         index = {id(p): i for i, p in enumerate(particles)}
         rows = torch.tensor([index[id(p)] for p in scored], dtype=torch.long)
         live = torch.zeros(len(particles), dtype=torch.bool)
         live[rows] = True
-        if self.prm is None:
-            raise ValueError("this search needs a PRM: pass prm= to the Engine")
         if isinstance(self.prm, RulePRM):
             out = torch.zeros(len(particles))
             rewards = [float(self.prm.fn(questions[p.problem], list(p.steps))) for p in scored]
