@@ -36,6 +36,7 @@ class Result:
     particles: list[str]  # final texts of all particles
     tree: list[TreeNode]
     leaves: list[int] = field(default_factory=list)  # tree node of each final particle's newest step
+    chosen: int = 0  # index of the particle the answer came from
     stats: dict = field(default_factory=dict)
 
     def tree_records(self) -> list[dict]:
@@ -178,7 +179,7 @@ class Engine:
             chosen = int(np.argmax(weights))
             answer = answers[chosen]
         return Result(question, answer, texts[chosen], list(outcome.particles[chosen].steps), weights, texts,
-                      outcome.tree, [p.node for p in outcome.particles], dict(stats))
+                      outcome.tree, [p.node for p in outcome.particles], chosen, dict(stats))
 
 
 def _question(problem, index: int) -> str:

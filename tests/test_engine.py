@@ -176,3 +176,22 @@ def test_prm_marker_must_be_one_token(policy, tmp_path):
         Engine(policy=policy, prm=tmp_path / "class_prm", kv_cache_memory=8 << 20)
     with pytest.raises(ValueError, match="needs prm_step_tag, prm_good and prm_bad"):
         Engine(policy=policy, prm=policy, kv_cache_memory=8 << 20)
+
+
+def test_backtracking_examples_come_from_dead_branches(engine):
+    from pf_engine.backtrack import PHRASE, backtracking_examples
+
+    (result,) = engine.solve(QUESTIONS[:1], SearchConfig(**SMALL | {"num_particles": 6}))
+    nodes = {n.node: n for n in result.tree}
+    examples = backtracking_examples(result)
+    assert examples, "a particle filter over 6 particles left no dead branch"
+    for example in examples:
+        dead = nodes[example["dead_step"]]
+        assert dead.num_children == 0 and dead.node not in result.leaves
+        assert not any(n.parent == dead.node for n in result.tree)
+        before, after = example["completion"].split(PHRASE)
+        assert before.endswith(dead.text) and result.text.endswith(after) and after
+        assert example["prompt"] == result.question
+    assert backtracking_examples(result, gold="no such answer") == []
+    (independent,) = engine.solve(QUESTIONS[:1], SearchConfig(algorithm="best_of_n", **SMALL))
+    assert backtracking_examples(independent) == []  # nothing died: every particle reached the end
