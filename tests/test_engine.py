@@ -12,7 +12,7 @@ from pf_engine import Engine, OutOfBlocksError, SearchConfig
 from pf_engine.search.config import ALGORITHMS
 
 QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?"]
-SMALL = dict(num_particles=4, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
+SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
 
 
 def vowel_reward(question, steps):
@@ -63,8 +63,8 @@ def test_every_algorithm_completes_with_a_consistent_tree(engine, algorithm):
         assert r.text in r.particles and r.text == "".join(r.steps)
         assert r.stats["tokens_generated"] > 0
     inner = [n for r in results for n in r.tree if any(c.parent == n.node for c in r.tree)]
-    if algorithm == "particle_filter":
-        # resampling happened: some steps died, some were copied
+    if algorithm in ("particle_filter", "beam_search", "dvts"):
+        # a new generation was chosen: some steps died, some were copied
         assert {n.num_children for r in results for n in r.tree} - {1}
         assert all(n.reward is not None for r in results for n in r.tree)
     else:
@@ -195,3 +195,15 @@ def test_backtracking_examples_come_from_dead_branches(engine):
     assert backtracking_examples(result, gold="no such answer") == []
     (independent,) = engine.solve(QUESTIONS[:1], SearchConfig(algorithm="best_of_n", **SMALL))
     assert backtracking_examples(independent) == []  # nothing died: every particle reached the end
+
+
+def test_beam_search_and_dvts_keep_the_best():
+    from pf_engine.search import top_ancestors
+
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.8, 0.6])  # two problems of four particles
+    # beam search: the best two of each problem, each twice
+    assert top_ancestors(scores, group=4, beam_width=2) == [1, 1, 3, 3, 6, 6, 7, 7]
+    # dvts: subtrees of two particles, the best of each subtree twice
+    assert top_ancestors(scores, group=2, beam_width=2) == [1, 1, 3, 3, 5, 5, 6, 6]
+    with pytest.raises(ValueError, match="multiple of beam_width"):
+        SearchConfig(algorithm="beam_search", num_particles=6, beam_width=4)

@@ -2,6 +2,8 @@
 
 - particle_filter: score every step, resample every step (Puri et al. 2025)
 - best_of_n: N independent samples; the PRM's running score of each ranks them
+- beam_search: keep the N / beam_width best by PRM score, extend each beam_width ways
+- dvts: N / beam_width independent subtrees, each keeping its best and extending it beam_width ways
 - self_consistency: N independent samples, no PRM; majority vote
 """
 
@@ -14,8 +16,22 @@ from pf_engine.search.config import ALGORITHMS, SearchConfig
 
 __all__ = ["ALGORITHMS", "ProblemOutcome", "SearchConfig", "run_search"]
 
-# algorithm -> (score every step with the PRM, resample after scoring)
-_MODES = {"particle_filter": (True, True), "best_of_n": (True, False), "self_consistency": (False, False)}
+# algorithm -> (score every step with the PRM, how the next generation is chosen)
+_MODES = {"particle_filter": (True, "resample"), "best_of_n": (True, None), "beam_search": (True, "top"),
+          "dvts": (True, "top"), "self_consistency": (False, None)}
+
+
+def top_ancestors(aggregates: torch.Tensor, group: int, beam_width: int) -> list[int]:
+    """Deterministic selection: in every group of ``group`` particles, the best ``group // beam_width``
+    (by aggregate, ties to the lower slot), each taken ``beam_width`` times.
+
+    Beam search uses group = num_particles; DVTS uses group = beam_width (one survivor per subtree).
+    """
+    scores = aggregates.view(-1, group)
+    keep = group // beam_width
+    best = torch.topk(scores, keep, dim=1, sorted=True).indices  # [num_groups, keep]
+    base = torch.arange(scores.shape[0])[:, None] * group
+    return (best + base).repeat_interleave(beam_width, dim=1).flatten().tolist()
 
 
 @dataclass
@@ -27,7 +43,7 @@ class ProblemOutcome:
 
 def run_search(engine: ParticleEngine, questions: list[str], keys: list[int], cfg: SearchConfig) -> list[ProblemOutcome]:
     """Run ``cfg.algorithm`` on a batch of problems; ``keys`` name the problems in the random streams."""
-    score, resample = _MODES[cfg.algorithm]
+    score, selection = _MODES[cfg.algorithm]
     n = cfg.num_particles
     particles = engine.start(questions, keys, n)
     aggregates = torch.zeros(len(particles))
@@ -49,13 +65,18 @@ def run_search(engine: ParticleEngine, questions: list[str], keys: list[int], cf
             for p, reward, weight in zip(particles, rewards, step_weights):
                 if reward == reward:  # NaN where the particle wrote no step this round
                     tree[p.node].reward, tree[p.node].weight = reward, weight
-            if resample and not done:
-                ancestors = out.ancestors.cpu().tolist()
+            if selection and not done:
+                if selection == "resample":
+                    ancestors = out.ancestors.cpu().tolist()
+                    aggregates, num_steps = out.next_aggregates.cpu(), out.next_num_steps.cpu()
+                else:
+                    group = n if cfg.algorithm == "beam_search" else cfg.beam_width
+                    ancestors = top_ancestors(out.aggregates.cpu(), group, cfg.beam_width)
+                    aggregates, num_steps = out.aggregates.cpu()[ancestors], out.num_steps.cpu()[ancestors]
                 for a in ancestors:
                     tree[particles[a].node].num_children += 1
                 particles = engine.follow(particles, ancestors, n)
-                aggregates, num_steps = out.next_aggregates.cpu(), out.next_num_steps.cpu()
-                weights = torch.full((len(particles),), 1.0 / n)  # resampled particles weigh the same
+                weights = torch.full((len(particles),), 1.0 / n)  # the new generation weighs the same
             else:
                 aggregates, num_steps, weights = out.aggregates.cpu(), out.num_steps.cpu(), out.weights.cpu()
         if done or not stepped:

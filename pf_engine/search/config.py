@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pf_engine.kernels.resample import ResampleParams
 from pf_engine.sampling import SamplingParams
 
-ALGORITHMS = ("particle_filter", "best_of_n", "self_consistency")
+ALGORITHMS = ("particle_filter", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote")
 MAX_PARTICLES = 1024
 MAX_STEP_TOKENS = 4095  # a step's tokens are counted in 12 bits of each draw's Philox counter
@@ -23,7 +23,10 @@ class SearchConfig:
     finishes the particle). A particle finishes at EOS, at a boxed answer, or
     after ``max_new_tokens`` tokens or ``max_steps`` steps. Weights are
     ``softmax(logit(aggregate) / weight_temperature)`` per problem (see
-    pf_engine.kernels.resample).
+    pf_engine.kernels.resample). Beam search keeps the ``num_particles //
+    beam_width`` best particles of a problem and extends each ``beam_width``
+    ways; DVTS splits the particles into subtrees of ``beam_width`` and keeps
+    the best of each subtree.
     """
 
     algorithm: str = "particle_filter"
@@ -41,6 +44,7 @@ class SearchConfig:
     weight_temperature: float = 1.0
     ess_threshold: float | None = None
     final_answer: str = "best"
+    beam_width: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +61,10 @@ class SearchConfig:
         for name in ("max_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.algorithm in ("beam_search", "dvts") and (
+                self.beam_width < 1 or self.num_particles % self.beam_width):
+            raise ValueError(f"{self.algorithm} needs num_particles ({self.num_particles}) to be a multiple of "
+                             f"beam_width ({self.beam_width})")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")
         if not 0 <= self.seed < 2**62:
