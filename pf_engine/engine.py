@@ -24,9 +24,9 @@ from pf_engine.sampling import SamplingParams, sample
 _RESAMPLE_TOKEN = 4095  # the token field of the key reserved for resampling draws
 
 
-def philox_key(problem: int, round_: int, slot, token) -> torch.Tensor:
-    """int64 Philox offsets for the bit layout in the module docstring (slot, token: int or int tensors)."""
-    slot, token = torch.as_tensor(slot, dtype=torch.int64), torch.as_tensor(token, dtype=torch.int64)
+def philox_key(problem, round_: int, slot, token) -> torch.Tensor:
+    """int64 Philox offsets for the bit layout in the module docstring (problem, slot, token: ints or int tensors)."""
+    problem, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in (problem, slot, token))
     return (problem << 43) | (round_ << 23) | (slot << 12) | token
 
 
@@ -107,7 +107,7 @@ class ParticleEngine:
         return _chat_prompt(self.tokenizer, question)
 
     @_timed("prefill")
-    def start(self, questions: list[str], keys: list[int], num_particles: int) -> list[Particle]:
+    def start(self, questions: list[str], num_particles: int) -> list[Particle]:
         """Prefill each prompt once (one batched forward), then fork it into ``num_particles``."""
         prompts = [self.prompt_ids(q) for q in questions]
         roots = [self.policy.manager.allocate(0) for _ in prompts]
@@ -138,9 +138,8 @@ class ParticleEngine:
         writing = active
         while writing:
             logits = torch.stack([p.logits for p in writing])
-            offsets = philox_key(0, round_, torch.tensor([p.slot for p in writing]),
-                                 torch.tensor([len(p.step_tokens) for p in writing]))
-            offsets |= torch.tensor([keys[p.problem] << 43 for p in writing])
+            offsets = philox_key([keys[p.problem] for p in writing], round_, [p.slot for p in writing],
+                                 [len(p.step_tokens) for p in writing])
             tokens = sample(logits, sampling, uniforms=philox_uniform(seed, offsets)).tolist()
             feed, still = [], []
             for p, token in zip(writing, tokens):
@@ -202,7 +201,7 @@ class ParticleEngine:
         seg = np.arange(num_problems + 1) * num_particles
         slots = torch.arange(len(particles)) % num_particles
         problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
-        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(0, round_, slots, _RESAMPLE_TOKEN) | (problems << 43))
+        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(problems, round_, slots, _RESAMPLE_TOKEN))
         device = self.policy.device
         fused = fused_resample if device.type == "cuda" else fused_resample_reference
         return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),

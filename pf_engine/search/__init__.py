@@ -45,7 +45,7 @@ def run_search(engine: ParticleEngine, questions: list[str], keys: list[int], cf
     """Run ``cfg.algorithm`` on a batch of problems; ``keys`` name the problems in the random streams."""
     score, selection = _MODES[cfg.algorithm]
     n = cfg.num_particles
-    particles = engine.start(questions, keys, n)
+    particles = engine.start(questions, n)
     aggregates = torch.zeros(len(particles))
     num_steps = torch.zeros(len(particles), dtype=torch.int32)
     weights = torch.full((len(particles),), 1.0 / n)
