@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, RulePRM, TreeNode
+from pf_engine.engine import ParticleEngine, TreeNode
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
-from pf_engine.prm import ClassHeadPRM, TokenPairPRM
+from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM
 from pf_engine.runner import ModelRunner
 from pf_engine.search import SearchConfig, run_search
 
@@ -158,7 +158,7 @@ class Engine:
         bs = self.block_size
         prompt_blocks = -(-len(self.core.prompt_ids(question)) // bs)
         need = prompt_blocks + config.num_particles * (-(-config.max_new_tokens // bs) + 1)
-        if isinstance(self.core.prm, (ClassHeadPRM, TokenPairPRM)):
+        if self.core.prm_runner is not None:
             # PRM tokens: its own tokenization (up to twice the policy's) and one marker per step
             prm_own = -(-(2 * config.max_new_tokens + config.max_steps) // bs) + 1
             need = max(need, 2 * prompt_blocks + config.num_particles * prm_own)

@@ -17,7 +17,7 @@ import torch
 
 from pf_engine.answers import boxed_answer
 from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_reference, philox_uniform
-from pf_engine.prm import ClassHeadPRM, TokenPairPRM
+from pf_engine.prm import ModelPRM, RulePRM
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, sample
 
@@ -59,17 +59,6 @@ class TreeNode:
     finished: bool = False
 
 
-class RulePRM:
-    """A Python callable ``f(question, steps) -> reward in [0, 1]`` as a PRM (rule-based verifiers)."""
-
-    reward_kind = "reward"
-
-    def __init__(self, fn):
-        if not callable(fn):
-            raise TypeError(f"a rule PRM must be callable f(question, steps) -> float, got {type(fn).__name__}")
-        self.fn = fn
-
-
 def _timed(phase: str):
     """Adds the wall time of each call to ``self.stats["seconds_<phase>"]``."""
 
@@ -90,12 +79,13 @@ def _timed(phase: str):
 class ParticleEngine:
     """Runs particles of many problems as one batch on a policy (and optional PRM) runner.
 
-    prm: None, a RulePRM, or a ClassHeadPRM / TokenPairPRM on its own runner.
+    prm: None, a RulePRM, or a ModelPRM (ClassHeadPRM, TokenPairPRM) on its own runner.
     """
 
     def __init__(self, policy: ModelRunner, tokenizer, prm=None, prm_tokenizer=None):
         self.policy, self.tokenizer = policy, tokenizer
         self.prm, self.prm_tokenizer = prm, prm_tokenizer
+        self.prm_runner = prm.runner if isinstance(prm, ModelPRM) else None  # a model PRM's own cache
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -113,16 +103,16 @@ class ParticleEngine:
         roots = [self.policy.manager.allocate(0) for _ in prompts]
         logits = self.policy.logits(self.policy.forward(roots, prompts)[ModelRunner.last_token_index(prompts)])
         prm_roots = [None] * len(prompts)
-        if isinstance(self.prm, (ClassHeadPRM, TokenPairPRM)):
+        if self.prm_runner is not None:
             prm_prompts = [_chat_prompt(self.prm_tokenizer, q) for q in questions]
-            prm_roots = [self.prm.runner.manager.allocate(0) for _ in prm_prompts]
-            self.prm.runner.forward(prm_roots, prm_prompts)
+            prm_roots = [self.prm_runner.manager.allocate(0) for _ in prm_prompts]
+            self.prm_runner.forward(prm_roots, prm_prompts)
             self.stats["prm_tokens"] += sum(map(len, prm_prompts))
         particles = []
         for b, (root, prm_root) in enumerate(zip(roots, prm_roots)):
             for slot in range(num_particles):
                 seq = root if slot == 0 else self.policy.manager.fork(root)
-                prm_seq = prm_root if slot == 0 or prm_root is None else self.prm.runner.manager.fork(prm_root)
+                prm_seq = prm_root if slot == 0 or prm_root is None else self.prm_runner.manager.fork(prm_root)
                 particles.append(Particle(b, slot, seq, prm_seq, logits[b]))
         self._note_blocks()
         return particles
@@ -213,8 +203,8 @@ class ParticleEngine:
         ancestors = np.asarray(ancestors)
         new_ids = self.policy.manager.resample([p.seq_id for p in particles], ancestors).tolist()
         new_prm_ids = [None] * len(particles)
-        if isinstance(self.prm, (ClassHeadPRM, TokenPairPRM)):
-            new_prm_ids = self.prm.runner.manager.resample([p.prm_seq_id for p in particles], ancestors).tolist()
+        if self.prm_runner is not None:
+            new_prm_ids = self.prm_runner.manager.resample([p.prm_seq_id for p in particles], ancestors).tolist()
         children = []
         for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids)):
             parent = particles[a]
@@ -226,7 +216,7 @@ class ParticleEngine:
         for p in particles:
             self.policy.manager.free(p.seq_id)
             if p.prm_seq_id is not None:
-                self.prm.runner.manager.free(p.prm_seq_id)
+                self.prm_runner.manager.free(p.prm_seq_id)
 
     def _note_blocks(self) -> None:
         used = self.policy.manager.num_blocks - self.policy.manager.num_free_blocks

@@ -15,34 +15,59 @@ import torch
 from pf_engine.runner import ModelRunner
 
 
-class ClassHeadPRM:
+class ModelPRM:
+    """A PRM model on its own runner: a step's tokens and a marker token in, two logits at the marker out."""
+
+    reward_kind: str
+
+    def __init__(self, runner: ModelRunner, marker_id: int):
+        self.runner = runner
+        self.marker_id = marker_id
+
+    def score(self, seq_ids, steps) -> torch.Tensor:
+        """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits."""
+        new_tokens = [list(step) + [self.marker_id] for step in steps]
+        hidden = self.runner.forward(seq_ids, new_tokens)
+        with torch.inference_mode():
+            return self.head(hidden[ModelRunner.last_token_index(new_tokens)]).float()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClassHeadPRM(ModelPRM):
+    """Logits [bad, good] of the class head at the step separator."""
+
     reward_kind = "class_logits"
 
     def __init__(self, runner: ModelRunner, separator_id: int):
         if not hasattr(runner.model, "class_logits"):
             raise ValueError(f"{type(runner.model).__name__} has no class head; use TokenPairPRM for a language model")
-        self.runner = runner
-        self.separator_id = separator_id
+        super().__init__(runner, separator_id)
 
-    def score(self, seq_ids, steps) -> torch.Tensor:
-        """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits [bad, good]."""
-        new_tokens = [list(step) + [self.separator_id] for step in steps]
-        hidden = self.runner.forward(seq_ids, new_tokens)
-        with torch.inference_mode():
-            return self.runner.model.class_logits(hidden[ModelRunner.last_token_index(new_tokens)]).float()
+    def head(self, hidden):
+        return self.runner.model.class_logits(hidden)
 
 
-class TokenPairPRM:
+class TokenPairPRM(ModelPRM):
+    """The LM's logits [good, bad] of two tokens at the step tag."""
+
     reward_kind = "token_logits"
 
     def __init__(self, runner: ModelRunner, step_tag_id: int, good_id: int, bad_id: int):
-        self.runner = runner
-        self.step_tag_id = step_tag_id
+        super().__init__(runner, step_tag_id)
         self.pair = torch.tensor([good_id, bad_id], device=runner.device)
 
-    def score(self, seq_ids, steps) -> torch.Tensor:
-        """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits [good, bad]."""
-        new_tokens = [list(step) + [self.step_tag_id] for step in steps]
-        hidden = self.runner.forward(seq_ids, new_tokens)
-        with torch.inference_mode():
-            return self.runner.model.token_logits(hidden[ModelRunner.last_token_index(new_tokens)], self.pair).float()
+    def head(self, hidden):
+        return self.runner.model.token_logits(hidden, self.pair)
+
+
+class RulePRM:
+    """A Python callable ``f(question, steps) -> reward in [0, 1]`` as a PRM (rule-based verifiers)."""
+
+    reward_kind = "reward"
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError(f"a rule PRM must be callable f(question, steps) -> float, got {type(fn).__name__}")
+        self.fn = fn

@@ -50,7 +50,7 @@ def run_incremental(prm, prompt, steps_per_round, ancestors):
     for round_, steps in enumerate(steps_per_round):
         logits = prm.score(seqs, steps)
         for s, step, row in zip(seqs, steps, logits):
-            texts[s] += step + [prm.separator_id if isinstance(prm, ClassHeadPRM) else prm.step_tag_id]
+            texts[s] += step + [prm.marker_id]
             scored.append((list(texts[s]), row))
         if round_ == 1:
             parents = [seqs[a] for a in ancestors]
