@@ -7,6 +7,14 @@ from pf_engine import _native
 from pf_engine._native import _C
 
 
+def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new keys and values. kv_layer: [num_blocks, 2, block_size, H, D]; k, v: [num_tokens, H, D]."""
+    block_size = kv_layer.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_layer[blocks, 0, offsets] = k.to(kv_layer.dtype)
+    kv_layer[blocks, 1, offsets] = v.to(kv_layer.dtype)
+
+
 class KVCache:
     """K/V tensors of all layers in ``num_blocks`` blocks of ``block_size`` tokens.
 
@@ -61,10 +69,7 @@ class KVCache:
         expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"k and v must be {list(expected)}, got {list(k.shape)} and {list(v.shape)}")
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        cache = self.kv[layer]
-        cache[blocks, 0, offsets] = k.to(self.kv.dtype)
-        cache[blocks, 1, offsets] = v.to(self.kv.dtype)
+        write_kv(self.kv[layer], slots, k, v)
 
     def read(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token of one sequence, each [num_tokens, num_kv_heads, head_dim]."""

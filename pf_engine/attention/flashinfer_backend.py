@@ -3,7 +3,7 @@
 import torch
 
 from pf_engine.attention.metadata import AttentionMetadata
-from pf_engine.attention.torch_backend import write_kv
+from pf_engine.kv_cache import write_kv
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 

@@ -4,14 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pf_engine.attention.metadata import AttentionMetadata
-
-
-def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store new keys and values. kv_layer: [num_blocks, 2, block_size, H, D]; k, v: [num_tokens, H, D]."""
-    block_size = kv_layer.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    kv_layer[blocks, 0, offsets] = k.to(kv_layer.dtype)
-    kv_layer[blocks, 1, offsets] = v.to(kv_layer.dtype)
+from pf_engine.kv_cache import write_kv
 
 
 class TorchPlan:

@@ -1,7 +1,8 @@
 """Decode batches through the Triton paged-decode kernel; prefill through the torch path."""
 
 from pf_engine.attention.metadata import AttentionMetadata
-from pf_engine.attention.torch_backend import TorchPlan, write_kv
+from pf_engine.attention.torch_backend import TorchPlan
+from pf_engine.kv_cache import write_kv
 
 
 class TritonDecodePlan:
