@@ -154,14 +154,22 @@ class Engine:
         return results
 
     def _blocks_needed(self, question: str, config: SearchConfig) -> int:
-        """Worst-case blocks of one problem: its prompt once, then every particle's own tokens."""
+        """Worst-case blocks of one problem: its prompt once, then every particle's own tokens.
+
+        Ancestor sampling adds a transient copy of every particle carrying the
+        reference's future, and a reference spliced onto a longer prefix (up to
+        twice the tokens): 2N + 1 particles' worth.
+        """
         bs = self.block_size
         prompt_blocks = -(-len(self.core.prompt_ids(question)) // bs)
-        need = prompt_blocks + config.num_particles * (-(-config.max_new_tokens // bs) + 1)
+        copies = config.num_particles
+        if config.algorithm == "particle_gibbs" and config.ancestor_sampling:
+            copies = 2 * config.num_particles + 1
+        need = prompt_blocks + copies * (-(-config.max_new_tokens // bs) + 1)
         if self.core.prm_runner is not None:
             # PRM tokens: its own tokenization (up to twice the policy's) and one marker per step
             prm_own = -(-(2 * config.max_new_tokens + config.max_steps) // bs) + 1
-            need = max(need, 2 * prompt_blocks + config.num_particles * prm_own)
+            need = max(need, 2 * prompt_blocks + copies * prm_own)
         return need
 
     def _result(self, question, outcome, config, key, stats) -> Result:

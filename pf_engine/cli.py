@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 SEARCH_OPTIONS = ("algorithm", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "temperature",
-                  "seed", "final_answer", "scheme", "aggregation")
+                  "seed", "final_answer", "scheme", "aggregation", "iterations", "ancestor_sampling")
 DEMO_INSTRUCTION = ("Solve the problem step by step. Put each step on its own line, leave a blank line between "
                     "steps, and write every calculation as an equation like 3 + 4 = 7. "
                     "End with: The answer is \\boxed{{N}}.\n\nProblem: {problem}")
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--final-answer", default="best")
     s.add_argument("--scheme", default="systematic")
     s.add_argument("--aggregation", default="last")
+    s.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
+    s.add_argument("--ancestor-sampling", action="store_true", help="particle_gibbs: redraw the reference's ancestor")
 
     args = parser.parse_args(argv)
     try:

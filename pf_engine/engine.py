@@ -19,9 +19,12 @@ from pf_engine.answers import boxed_answer
 from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_reference, philox_uniform
 from pf_engine.prm import ModelPRM, RulePRM
 from pf_engine.runner import ModelRunner
-from pf_engine.sampling import SamplingParams, sample
+from pf_engine.sampling import SamplingParams, filtered_logits, sample
 
-_RESAMPLE_TOKEN = 4095  # the token field of the key reserved for resampling draws
+# token fields of the key reserved for draws that are not tokens
+RESAMPLE_TOKEN = 4095  # resampling
+ANCESTOR_TOKEN = 4094  # particle Gibbs: the reference's ancestor
+REFERENCE_TOKEN = 4093  # particle Gibbs: the next reference
 
 
 def philox_key(problem, round_: int, slot, token) -> torch.Tensor:
@@ -38,10 +41,13 @@ class Particle:
     prm_seq_id: int | None  # PRM sequence (model PRMs only)
     logits: torch.Tensor  # [vocab] float32 logits of the next token
     steps: list[str] = field(default_factory=list)
+    step_ids: list[list[int]] = field(default_factory=list)  # token ids of each step
     step_tokens: list[int] = field(default_factory=list)  # the step being written
     num_tokens: int = 0  # generated so far
     node: int = -1  # tree node of its newest step
     finished: bool = False
+    forced: list[int] | None = None  # particle Gibbs: the next step is replayed from these tokens, not sampled
+    forced_finishes: bool = False  # ... and the particle finishes after it
 
 
 @dataclass
@@ -57,6 +63,8 @@ class TreeNode:
     weight: float | None = None
     num_children: int = 0  # copies that survived resampling; 0 for a dead branch, until the end
     finished: bool = False
+    iteration: int = 0  # particle Gibbs: the sweep that wrote it
+    reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
 
 
 def _timed(phase: str):
@@ -89,8 +97,9 @@ class ParticleEngine:
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self.stats = {"tokens_generated": 0, "prm_tokens": 0, "peak_blocks": 0, "seconds_prefill": 0.0,
-                      "seconds_expand": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0}
+        self.stats = {"tokens_generated": 0, "prm_tokens": 0, "ancestor_tokens": 0, "peak_blocks": 0,
+                      "seconds_prefill": 0.0, "seconds_expand": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
+                      "seconds_ancestors": 0.0}
 
     # -- prompts ---------------------------------------------------------------
     def prompt_ids(self, question: str) -> list[int]:
@@ -121,7 +130,12 @@ class ParticleEngine:
     @_timed("expand")
     def expand(self, particles: list[Particle], keys: list[int], round_: int, sampling: SamplingParams,
                seed: int, delimiter: str, max_step_tokens: int, max_new_tokens: int, stop_at_boxed: bool) -> list[Particle]:
-        """Decode one step for every unfinished particle; returns those that wrote a step."""
+        """Decode one step for every unfinished particle; returns those that wrote a step.
+
+        A particle with ``forced`` tokens replays them as its step (particle Gibbs'
+        reference): the step ends after them whatever the delimiter and the token
+        caps say, and EOS or a boxed answer among them still finish it.
+        """
         active = [p for p in particles if not p.finished]
         for p in active:
             p.step_tokens = []
@@ -133,17 +147,29 @@ class ParticleEngine:
             tokens = sample(logits, sampling, uniforms=philox_uniform(seed, offsets)).tolist()
             feed, still = [], []
             for p, token in zip(writing, tokens):
+                if p.forced is not None:
+                    token = p.forced[len(p.step_tokens)]
                 p.step_tokens.append(token)
                 p.num_tokens += 1
                 if token in self.eos_ids:
                     p.finished = True
                     continue
                 text = self.tokenizer.decode(p.step_tokens, skip_special_tokens=True)
-                if p.num_tokens >= max_new_tokens or (stop_at_boxed and boxed_answer(text) is not None):
+                if stop_at_boxed and boxed_answer(text) is not None:
                     p.finished = True
                     continue
+                if p.forced is not None:
+                    step_done = len(p.step_tokens) == len(p.forced)
+                    if step_done and p.forced_finishes:
+                        p.finished = True
+                        continue
+                elif p.num_tokens >= max_new_tokens:
+                    p.finished = True
+                    continue
+                else:
+                    step_done = delimiter in text or len(p.step_tokens) >= max_step_tokens
                 feed.append(p)
-                if delimiter not in text and len(p.step_tokens) < max_step_tokens:
+                if not step_done:
                     still.append(p)
             self.stats["tokens_generated"] += len(writing)
             if feed:
@@ -154,6 +180,8 @@ class ParticleEngine:
             writing = still
         for p in active:
             p.steps.append(self.tokenizer.decode(p.step_tokens, skip_special_tokens=True))
+            p.step_ids.append(p.step_tokens)
+            p.forced, p.forced_finishes = None, False
         return active
 
     # -- score -----------------------------------------------------------------
@@ -182,6 +210,61 @@ class ParticleEngine:
             self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
         return out, live, self.prm.reward_kind
 
+    # -- particle Gibbs ----------------------------------------------------------
+    @_timed("ancestors")
+    def splice(self, questions: list[str], candidates: list[Particle], futures: list[list[list[int]]],
+               future_texts: list[list[str]], sampling: SamplingParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """How each candidate prefix would carry a reference path's future (ancestor sampling).
+
+        ``futures[i]`` / ``future_texts[i]``: token ids / texts of the steps that
+        follow candidate ``i``'s prefix on the reference path (at least one). Returns
+
+        - the log-likelihood of each future under the sampling distribution given
+          its candidate's prefix: float64 [num_candidates];
+        - for k = 0, 1, ...: the PRM output of the k-th future step of the
+          candidates whose future has one (rows in candidate order), as ``score``
+          gives it (rewards [m] for a rule PRM, logits [m, 2] for a model PRM).
+
+        The candidates' sequences are forked, extended and freed: nothing stays.
+        """
+        loglik = torch.zeros(len(candidates), dtype=torch.float64)
+        tokens = [[t for step in future for t in step] for future in futures]
+        forks = [self.policy.manager.fork(c.seq_id) for c in candidates]
+        try:
+            hidden = self.policy.forward(forks, tokens)
+            self.stats["ancestor_tokens"] += sum(map(len, tokens))
+            self._note_blocks()
+            start = 0
+            for i, (c, ids) in enumerate(zip(candidates, tokens)):
+                rows = hidden[start:start + len(ids) - 1]  # the last token predicts nothing we need
+                start += len(ids)
+                logits = torch.cat([c.logits[None], self.policy.logits(rows)])
+                logp = torch.log_softmax(filtered_logits(logits, sampling), dim=-1)
+                loglik[i] = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).double().sum()
+        finally:
+            for seq in forks:
+                self.policy.manager.free(seq)
+        return loglik, self._splice_prm(questions, candidates, future_texts)
+
+    def _splice_prm(self, questions, candidates, future_texts) -> list[torch.Tensor]:
+        depth = max(map(len, future_texts))
+        if isinstance(self.prm, RulePRM):
+            return [torch.tensor([float(self.prm.fn(questions[c.problem], c.steps + texts[:k + 1]))
+                                  for c, texts in zip(candidates, future_texts) if len(texts) > k],
+                                 dtype=torch.float32) for k in range(depth)]
+        forks = [self.prm_runner.manager.fork(c.prm_seq_id) for c in candidates]
+        try:
+            outputs = []
+            for k in range(depth):
+                rows = [i for i, texts in enumerate(future_texts) if len(texts) > k]
+                steps = [self.prm_tokenizer.encode(future_texts[i][k], add_special_tokens=False) for i in rows]
+                outputs.append(self.prm.score([forks[i] for i in rows], steps).cpu())
+                self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
+            return outputs
+        finally:
+            for seq in forks:
+                self.prm_runner.manager.free(seq)
+
     # -- resample --------------------------------------------------------------
     @_timed("resample")
     def weigh(self, particles: list[Particle], keys: list[int], round_: int, prm_output, live, aggregates,
@@ -191,7 +274,7 @@ class ParticleEngine:
         seg = np.arange(num_problems + 1) * num_particles
         slots = torch.arange(len(particles)) % num_particles
         problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
-        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(problems, round_, slots, _RESAMPLE_TOKEN))
+        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(problems, round_, slots, RESAMPLE_TOKEN))
         device = self.policy.device
         fused = fused_resample if device.type == "cuda" else fused_resample_reference
         return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
@@ -209,7 +292,8 @@ class ParticleEngine:
         for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids)):
             parent = particles[a]
             children.append(Particle(parent.problem, j % num_particles, seq, prm_seq, parent.logits,
-                                     list(parent.steps), [], parent.num_tokens, parent.node, parent.finished))
+                                     list(parent.steps), list(parent.step_ids), [], parent.num_tokens, parent.node,
+                                     parent.finished))
         return children
 
     def release(self, particles: list[Particle]) -> None:

@@ -63,7 +63,7 @@ def test_every_algorithm_completes_with_a_consistent_tree(engine, algorithm):
         assert r.text in r.particles and r.text == "".join(r.steps)
         assert r.stats["tokens_generated"] > 0
     inner = [n for r in results for n in r.tree if any(c.parent == n.node for c in r.tree)]
-    if algorithm in ("particle_filter", "beam_search", "dvts"):
+    if algorithm in ("particle_filter", "particle_gibbs", "beam_search", "dvts"):
         # a new generation was chosen: some steps died, some were copied
         assert {n.num_children for r in results for n in r.tree} - {1}
         assert all(n.reward is not None for r in results for n in r.tree)

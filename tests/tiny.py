@@ -10,17 +10,18 @@ CHARS = list(string.ascii_letters + string.digits + " .,+-*/=?()\\{}\n")
 SPECIALS = ["<eos>", "<pad>"]
 
 
-def char_tokenizer(chars=CHARS) -> PreTrainedTokenizerFast:
+def char_tokenizer(chars=CHARS, eos=True) -> PreTrainedTokenizerFast:
+    """eos=False: "<eos>" is an ordinary token (text "<eos>"), so nothing ends a sequence."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(chars))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>" if eos else None, pad_token="<pad>")
 
 
-def save_tiny_policy(folder, seed=0, chars=CHARS, **config):
+def save_tiny_policy(folder, seed=0, chars=CHARS, eos=True, **config):
     """A random Llama over a character vocabulary, saved with its tokenizer."""
-    tokenizer = char_tokenizer(chars)
+    tokenizer = char_tokenizer(chars, eos)
     torch.manual_seed(seed)
     settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -2,13 +2,14 @@
 
 from dataclasses import dataclass
 
-from pf_engine.kernels.resample import ResampleParams
+from pf_engine.kernels.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
 
-ALGORITHMS = ("particle_filter", "best_of_n", "beam_search", "dvts", "self_consistency")
+ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote")
 MAX_PARTICLES = 1024
-MAX_STEP_TOKENS = 4095  # a step's tokens are counted in 12 bits of each draw's Philox counter
+MAX_STEP_TOKENS = 4092  # a step's tokens are counted in 12 bits of each draw's Philox counter (4093+ are reserved)
+MAX_ROUNDS = 1 << 20  # iterations * max_steps: 20 bits of the counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,19 @@ class SearchConfig:
     beam_width`` best particles of a problem and extends each ``beam_width``
     ways; DVTS splits the particles into subtrees of ``beam_width`` and keeps
     the best of each subtree.
+
+    Particle Gibbs runs ``iterations`` sweeps of particle filtering; from the
+    second on, slot 0 of each problem replays a reference path drawn by weight
+    from the previous sweep's final particles (conditional SMC), and the other
+    particles draw their ancestors by multinomial resampling whatever
+    ``scheme`` says (a draw that keeps the reference out must be independent
+    per particle). With ``ancestor_sampling`` the reference's ancestor is
+    redrawn after every step among the live particles, each weighed by its
+    weight, the likelihood of the reference's remaining steps after its prefix
+    and the weights those spliced steps would get (this costs a prefill of the
+    reference's future per particle and step); it assumes resampling every step
+    (``ess_threshold`` None), and the rounds a finished reference would still
+    weigh in are left out. The answer comes from the last sweep.
     """
 
     algorithm: str = "particle_filter"
@@ -45,6 +59,8 @@ class SearchConfig:
     ess_threshold: float | None = None
     final_answer: str = "best"
     beam_width: int = 4
+    iterations: int = 4
+    ancestor_sampling: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +81,14 @@ class SearchConfig:
                 self.beam_width < 1 or self.num_particles % self.beam_width):
             raise ValueError(f"{self.algorithm} needs num_particles ({self.num_particles}) to be a multiple of "
                              f"beam_width ({self.beam_width})")
+        if self.scheme not in SCHEMES:  # particle Gibbs does not pass it on, so check it here
+            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {self.iterations!r}")
+        if self.iterations * self.max_steps > MAX_ROUNDS:
+            raise ValueError(f"iterations * max_steps must be <= {MAX_ROUNDS}, got {self.iterations * self.max_steps}")
+        if self.ancestor_sampling and self.ess_threshold is not None:
+            raise ValueError("ancestor_sampling assumes resampling after every step: leave ess_threshold None")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")
         if not 0 <= self.seed < 2**62:
@@ -77,5 +101,10 @@ class SearchConfig:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     def resample_params(self, reward_kind: str) -> ResampleParams:
+        scheme = "multinomial" if self.algorithm == "particle_gibbs" else self.scheme
         return ResampleParams(reward=reward_kind, aggregation=self.aggregation, temperature=self.weight_temperature,
-                              scheme=self.scheme, ess_threshold=self.ess_threshold)
+                              scheme=scheme, ess_threshold=self.ess_threshold)
+
+    @property
+    def num_sweeps(self) -> int:
+        return self.iterations if self.algorithm == "particle_gibbs" else 1
