@@ -97,7 +97,6 @@ class _Counters:
 class VllmBackend(_Counters):
     def __init__(self, job):
         from vllm import LLM, SamplingParams
-        from vllm.config import CompilationConfig  # noqa: F401 - fails early on a broken install
 
         self.SamplingParams = SamplingParams
         began = time.perf_counter()

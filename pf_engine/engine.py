@@ -33,6 +33,12 @@ def philox_key(problem, round_: int, slot, token) -> torch.Tensor:
     return (problem << 43) | (round_ << 23) | (slot << 12) | token
 
 
+def search_uniforms(seed: int, problem, round_: int, slot, token: int) -> torch.Tensor:
+    """Uniforms of the draws that are not tokens (resampling, particle Gibbs), from a stream of their
+    own: Philox(seed ^ 0x5DEECE66D) at the key of the reserved ``token`` field."""
+    return philox_uniform(seed ^ 0x5DEECE66D, philox_key(problem, round_, slot, token))
+
+
 @dataclass
 class Particle:
     problem: int  # index of its problem in the engine's current batch
@@ -280,7 +286,7 @@ class ParticleEngine:
         seg = np.arange(num_problems + 1) * num_particles
         slots = torch.arange(len(particles)) % num_particles
         problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
-        uniforms = philox_uniform(seed ^ 0x5DEECE66D, philox_key(problems, round_, slots, RESAMPLE_TOKEN))
+        uniforms = search_uniforms(seed, problems, round_, slots, RESAMPLE_TOKEN)
         device = self.policy.device
         fused = fused_resample if device.type == "cuda" else fused_resample_reference
         return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pf_engine.engine import ANCESTOR_TOKEN, REFERENCE_TOKEN, Particle, ParticleEngine, TreeNode, philox_key
-from pf_engine.kernels.resample import fused_resample_reference, philox_uniform
+from pf_engine.engine import ANCESTOR_TOKEN, REFERENCE_TOKEN, Particle, ParticleEngine, TreeNode, search_uniforms
+from pf_engine.kernels.resample import fused_resample_reference
 from pf_engine.sampling import SamplingParams, sample
 from pf_engine.search.config import ALGORITHMS, SearchConfig
 
@@ -158,19 +158,14 @@ def _condition_on_references(engine: ParticleEngine, questions, keys, cfg: Searc
                                                uniforms=torch.zeros(len(rows)))
         logw[rows] += torch.log(spliced_out.weights.double())
         aggregates[rows], num_steps[rows] = spliced_out.aggregates, spliced_out.num_steps
-    # One draw per problem, by inverse CDF of its candidates' weights.
-    table = torch.full((len(spliced), n), float("-inf"), dtype=torch.float64)
-    index = torch.full((len(spliced), n), -1, dtype=torch.long)
+    # One draw per problem, by inverse CDF over its slots (-inf where a slot is no candidate).
+    table = torch.full((len(spliced) * n,), float("-inf"), dtype=torch.float64)
     row_of = {b: r for r, b in enumerate(spliced)}
-    column = [0] * len(spliced)
-    for i, b, lw in zip(candidates, problem_of, logw.tolist()):
-        r = row_of[b]
-        table[r, column[r]], index[r, column[r]] = lw, i
-        column[r] += 1
-    uniforms = philox_uniform(cfg.seed ^ 0x5DEECE66D, philox_key([keys[b] for b in spliced], round_, 0, ANCESTOR_TOKEN))
-    chosen = sample(table, SamplingParams(temperature=1.0), uniforms=uniforms)
-    for r, b in enumerate(spliced):
-        ancestors[b * n] = int(index[r, chosen[r]])
+    table[[row_of[b] * n + i % n for i, b in zip(candidates, problem_of)]] = logw
+    uniforms = search_uniforms(cfg.seed, [keys[b] for b in spliced], round_, 0, ANCESTOR_TOKEN)
+    chosen = sample(table.view(len(spliced), n), SamplingParams(temperature=1.0), uniforms=uniforms).tolist()
+    for b, slot in zip(spliced, chosen):
+        ancestors[b * n] = b * n + slot
 
 
 def _draw_references(particles: list[Particle], weights: torch.Tensor, keys, cfg: SearchConfig,
@@ -180,7 +175,7 @@ def _draw_references(particles: list[Particle], weights: torch.Tensor, keys, cfg
     num_problems = len(particles) // n
     logw = torch.log(weights.double().view(num_problems, n))
     round_ = (sweep + 1) * cfg.max_steps - 1
-    uniforms = philox_uniform(cfg.seed ^ 0x5DEECE66D, philox_key(keys[:num_problems], round_, 0, REFERENCE_TOKEN))
+    uniforms = search_uniforms(cfg.seed, keys[:num_problems], round_, 0, REFERENCE_TOKEN)
     chosen = sample(logw, SamplingParams(temperature=1.0), uniforms=uniforms).tolist()
     picked = [particles[b * n + c] for b, c in enumerate(chosen)]
     return [Reference([list(ids) for ids in p.step_ids], list(p.steps), p.finished) for p in picked]
