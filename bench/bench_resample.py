@@ -1,10 +1,11 @@
 """Per-step host work of particle filtering: PRM logits -> rewards -> weights -> ESS ->
 systematic resampling -> ancestors, for 64 problems x 64 particles.
 
-Three ways, same semantics and the same uniforms (checked to give the same ancestors):
+Four ways, same semantics and the same uniforms (ancestors compared with the loop's):
   loop       per-problem Python/numpy, the way Python search loops do it today
              (numpy softmax per problem, systematic resampling in a while loop)
-  reference  pf_engine's vectorized torch reference (the CPU path)
+  reference  pf_engine's vectorized torch reference (the test oracle)
+  native     pf_engine's CPU path: one pass of the native extension
   kernel     pf_engine's fused Triton kernel, one launch (only with --device cuda)
 
     python bench/bench_resample.py [--problems 64 --particles 64 --device cpu|cuda]
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from pf_engine.kernels.resample import ResampleParams, fused_resample, fused_resample_reference
+from pf_engine.kernels.resample import ResampleParams, fused_resample, fused_resample_cpu, fused_resample_reference
 
 
 def python_loop(seg, logits, aggregates, uniforms, temperature, clip):
@@ -86,14 +87,19 @@ def main():
                    args.repeats)
     loop_ancestors, _ = python_loop(seg, logits_list, agg_list, uniforms_np, params.temperature, params.clip)
 
-    ref = lambda: fused_resample_reference(seg, logits, live, agg, steps, params, uniforms=uniforms)  # noqa: E731
-    t_ref = timed(ref, args.repeats)
-    mismatched = int((ref().ancestors.numpy() != loop_ancestors).sum())
+    inputs = (seg, logits, live, agg, steps, params)
+    ref = lambda: fused_resample_reference(*inputs, uniforms=uniforms)  # noqa: E731
+    native = lambda: fused_resample_cpu(*inputs, uniforms=uniforms)  # noqa: E731
+    t_ref, t_native = timed(ref, args.repeats), timed(native, args.repeats)
+    mismatched = {"reference": int((ref().ancestors.numpy() != loop_ancestors).sum()),
+                  "native": int((native().ancestors.numpy() != loop_ancestors).sum())}
 
-    print(f"{args.problems} problems x {args.particles} particles, one resampling step (systematic, last, T=1)")
+    print(f"{args.problems} problems x {args.particles} particles, one resampling step (systematic, last, T=1), "
+          f"torch threads: {torch.get_num_threads()}")
     print(f"{'implementation':<28}{'median':>12}{'vs loop':>10}")
     print(f"{'python/numpy loop (cpu)':<28}{t_loop * 1e6:>10.0f}us{1.0:>9.1f}x")
     print(f"{'torch reference (cpu)':<28}{t_ref * 1e6:>10.0f}us{t_loop / t_ref:>9.1f}x")
+    print(f"{'native (cpu)':<28}{t_native * 1e6:>10.0f}us{t_loop / t_native:>9.1f}x")
     if args.device == "cuda":
         dev = lambda t: t.to("cuda")  # noqa: E731
         inputs = (seg, dev(logits), dev(live), dev(agg), dev(steps), params)
@@ -106,11 +112,13 @@ def main():
             kernel()
         end.record()
         torch.cuda.synchronize()
-        mismatched += int((kernel().ancestors.cpu().numpy() != loop_ancestors).sum())
+        mismatched["kernel"] = int((kernel().ancestors.cpu().numpy() != loop_ancestors).sum())
         print(f"{'triton kernel (gpu, call)':<28}{t_kernel * 1e6:>10.0f}us{t_loop / t_kernel:>9.1f}x")
         print(f"{'triton kernel (gpu, events)':<28}{start.elapsed_time(end) * 10:>10.1f}us per call of 100 back to back")
-    print(f"ancestors differing from the loop's: {mismatched} (same uniforms; 0 expected)")
-    print(f"target: reference >= 50x the loop on CPU -> {t_loop / t_ref:.1f}x")
+    # The loop weighs in float64, pf_engine in float32: a point within rounding of a cdf step may differ.
+    print(f"ancestors differing from the loop's of {len(loop_ancestors)} (same uniforms): "
+          + ", ".join(f"{name} {count}" for name, count in mismatched.items()))
+    print(f"target: >= 50x the loop on CPU -> native {t_loop / t_native:.1f}x (torch reference {t_loop / t_ref:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-// pf_engine._C: declarations and argument conversion only; logic lives in block_manager.cpp.
+// pf_engine._C: declarations and argument conversion only; logic lives in block_manager.cpp
+// and resample.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "block_manager.h"
+#include "resample.h"
 
 namespace py = pybind11;
 using pf_engine::BlockManager;
@@ -53,7 +55,7 @@ py::tuple append_result(pf_engine::AppendResult&& r) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pf_engine native core: the paged KV-cache block manager";
+  m.doc() = "pf_engine native core: the paged KV-cache block manager and the fused resampling step on the CPU";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -198,4 +200,38 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
                ", num_free_blocks=" + std::to_string(self.num_free_blocks()) +
                ", num_seqs=" + std::to_string(self.num_seqs()) + ")";
       });
+
+  // Raw addresses of contiguous CPU arrays, as kernels/resample.py's launcher passes them:
+  // the same arguments as the Triton kernel, so both paths share one Python front end.
+  m.def(
+      "fused_resample",
+      [](std::uintptr_t seg, int64_t num_problems, std::uintptr_t prm, std::uintptr_t live, std::uintptr_t aggregates,
+         std::uintptr_t num_steps, std::uintptr_t uniforms, std::uintptr_t rewards, std::uintptr_t aggregates_out,
+         std::uintptr_t num_steps_out, std::uintptr_t weights, std::uintptr_t ess, std::uintptr_t resampled,
+         std::uintptr_t ancestors, std::uintptr_t next_aggregates, std::uintptr_t next_num_steps,
+         std::uintptr_t next_live, std::uintptr_t invalid, uint64_t seed, uint64_t counter, int reward,
+         int aggregation, int scheme, float inv_temperature, float clip, double ess_threshold) {
+        if (reward < 0 || reward > 2 || aggregation < 0 || aggregation > 3 || scheme < 0 || scheme > 3) {
+          throw py::value_error("fused_resample: reward, aggregation or scheme code out of range");
+        }
+        pf_engine::ResampleInputs in{
+            reinterpret_cast<const int64_t*>(seg), num_problems, reinterpret_cast<const float*>(prm),
+            reinterpret_cast<const uint8_t*>(live), reinterpret_cast<const float*>(aggregates),
+            reinterpret_cast<const int32_t*>(num_steps), reinterpret_cast<const float*>(uniforms), seed, counter,
+            static_cast<pf_engine::RewardKind>(reward), static_cast<pf_engine::Aggregation>(aggregation),
+            static_cast<pf_engine::Scheme>(scheme), inv_temperature, clip, ess_threshold};
+        pf_engine::ResampleOutputs out{
+            reinterpret_cast<float*>(rewards), reinterpret_cast<float*>(aggregates_out),
+            reinterpret_cast<int32_t*>(num_steps_out), reinterpret_cast<float*>(weights),
+            reinterpret_cast<float*>(ess), reinterpret_cast<uint8_t*>(resampled),
+            reinterpret_cast<int32_t*>(ancestors), reinterpret_cast<float*>(next_aggregates),
+            reinterpret_cast<int32_t*>(next_num_steps), reinterpret_cast<uint8_t*>(next_live),
+            reinterpret_cast<int32_t*>(invalid)};
+        py::gil_scoped_release release;
+        return pf_engine::fused_resample(in, out);
+      },
+      "One particle-filter step for all problems on the CPU (see kernels/resample.py); returns the number of "
+      "live particles with unusable PRM output. uniforms may be 0: Philox draws.");
+  m.def("philox_uniform", &pf_engine::philox_uniform, py::arg("seed"), py::arg("offset"),
+        "Triton's tl.rand(seed, offset) as a float in [0, 1).");
 }

@@ -32,10 +32,20 @@ The math, per problem of ``n`` particles (``r`` the newest step's reward):
 
 Uniforms are ``philox_uniform(seed, (counter << 32) + particle)`` (Triton's
 ``tl.rand``), so a (seed, counter) pair reproduces a call exactly, or are
-passed in. ``fused_resample`` is the Triton launch; ``fused_resample_reference``
-computes the same in plain torch (the CPU path and the test oracle).
+passed in.
+
+Three implementations, one signature:
+
+- ``fused_resample``: the Triton kernel, one launch (GPU; the interpreter on CPU).
+- ``fused_resample_cpu``: one pass of the native extension (csrc/resample.cpp),
+  the CPU path: a vectorized torch step costs ~30 ops of microseconds each.
+- ``fused_resample_reference``: plain torch, the test oracle. Weights of the
+  others match it to rounding; their ancestors match exactly the reference's
+  draw from their own weights (``reference_ancestors``).
 """
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +53,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from pf_engine._native import _C
 
 REWARD_KINDS = ("class_logits", "token_logits", "reward")
 AGGREGATIONS = ("last", "min", "product", "mean")
@@ -247,21 +259,70 @@ def _fused_resample_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter):
-    """Validates shapes, dtypes and devices; returns seg_offsets as an int64 numpy array."""
+class _Layout:
+    """A validated ``seg_offsets`` and its problems seen as rows of a [num_problems, width] grid,
+    on one device. Built once per distinct (offsets, device) and cached: a search calls with
+    the same layout every step. Its tensors are read, never handed out or written.
+
+    Equal-size problems are a free view of the flat batch; ragged ones are gathered and padded.
+    """
+
+    def __init__(self, seg: np.ndarray, device: torch.device):
+        sizes = np.diff(seg)
+        if seg[0] != 0 or (sizes < 0).any():
+            raise ValueError("seg_offsets must start at 0 and never decrease")
+        if sizes.size and sizes.max() > MAX_PARTICLES:
+            raise ValueError(f"a problem has {sizes.max()} particles; at most {MAX_PARTICLES} are supported")
+        self.seg = seg
+        self.num_problems, self.num_particles = len(sizes), int(seg[-1])
+        self.width = int(sizes.max(initial=0))
+        self.equal = bool((sizes == self.width).all())
+        self.seg_device = torch.from_numpy(seg.astype(np.int32)).to(device)
+        self.lane = torch.arange(self.width, device=device)
+        self.lane64 = self.lane.double()
+        self.starts = torch.from_numpy(seg[:-1]).to(device)[:, None]
+        if self.equal:
+            self.counts = self.width  # [num_problems, 1] where ragged
+        else:
+            self.counts = torch.from_numpy(sizes).to(device)[:, None]
+            self.mask = self.lane < self.counts
+            self.index = (self.starts + self.lane).clamp(max=max(self.num_particles - 1, 0))
+            self.problem_of = torch.repeat_interleave(torch.arange(self.num_problems, device=device), self.counts[:, 0])
+
+    def rows(self, x: torch.Tensor, fill) -> torch.Tensor:
+        if self.equal:
+            return x.view(self.num_problems, self.width)
+        return x[self.index].masked_fill_(~self.mask, fill)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1) if self.equal else x[self.mask]
+
+    def pad(self, x: torch.Tensor, fill) -> torch.Tensor:
+        """Sets the padding lanes of a rows tensor to fill (nothing to do for equal sizes)."""
+        return x if self.equal else x.masked_fill_(~self.mask, fill)
+
+    def per_problem_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_particles] -> [num_problems] sums."""
+        if self.equal:
+            return x.view(self.num_problems, self.width).sum(dim=1)
+        return torch.zeros(self.num_problems, dtype=x.dtype, device=x.device).index_add_(0, self.problem_of, x)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(seg_bytes: bytes, device: torch.device) -> _Layout:
+    return _Layout(np.frombuffer(seg_bytes, dtype=np.int64).copy(), device)
+
+
+def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter) -> _Layout:
+    """Validates shapes, dtypes and devices (not the values); returns the layout of seg_offsets."""
     if not 0 <= seed < 2**63 or not 0 <= counter < 2**31:
         raise ValueError(f"seed must be in [0, 2**63) and counter in [0, 2**31), got {seed} and {counter}")
     seg = np.asarray(seg_offsets)
     if seg.ndim != 1 or seg.size < 1 or seg.dtype.kind not in "iu":
         raise ValueError(f"seg_offsets must be a 1-D integer array of num_problems + 1 offsets, got {seg.dtype} {seg.shape}")
-    seg = seg.astype(np.int64)
-    counts = np.diff(seg)
-    if seg[0] != 0 or (counts < 0).any():
-        raise ValueError("seg_offsets must start at 0 and never decrease")
-    if counts.size and counts.max() > MAX_PARTICLES:
-        raise ValueError(f"a problem has {counts.max()} particles; at most {MAX_PARTICLES} are supported")
-    num_particles = int(seg[-1])
     device = aggregates.device
+    layout = _layout(seg.astype(np.int64, copy=False).tobytes(), device)
+    num_particles = layout.num_particles
     expected_prm = (num_particles,) if params.reward == "reward" else (num_particles, 2)
     for name, t, shape, dtype in (
         ("prm_output", prm_output, expected_prm, torch.float32),
@@ -272,15 +333,18 @@ def _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, 
     ):
         if t is None:
             continue
-        if tuple(t.shape) != shape or t.dtype != dtype:
+        if t.shape != shape or t.dtype != dtype:
             raise ValueError(f"{name} must be {dtype} of shape {list(shape)}, got {t.dtype} {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but aggregates is on {device}")
+    return layout
+
+
+def _check_uniform_range(uniforms: torch.Tensor | None) -> None:
     if uniforms is not None and uniforms.numel():
-        lowest, highest = torch.aminmax(uniforms)
+        lowest, highest = (v.item() for v in torch.aminmax(uniforms))
         if not (lowest >= 0 and highest < 1):
-            raise ValueError(f"uniforms must lie in [0, 1), got values from {lowest.item()} to {highest.item()}")
-    return seg
+            raise ValueError(f"uniforms must lie in [0, 1), got values from {lowest} to {highest}")
 
 
 def _raise_on_invalid(invalid, prm_output, live, params):
@@ -301,15 +365,16 @@ def _raise_on_invalid(invalid, prm_output, live, params):
     )
 
 
-def _empty_output(num_particles, num_problems, device):
+def _empty_output(num_particles, num_problems, device, flags=torch.int8):
+    """Fresh outputs; ``flags`` is the dtype of resampled and next_live (the Triton kernel stores int8)."""
     f32 = lambda: torch.empty(num_particles, dtype=torch.float32, device=device)  # noqa: E731
     i32 = lambda: torch.empty(num_particles, dtype=torch.int32, device=device)  # noqa: E731
     return ResampleOutput(
         rewards=f32(), aggregates=f32(), num_steps=i32(), weights=f32(),
         ess=torch.empty(num_problems, dtype=torch.float32, device=device),
-        resampled=torch.empty(num_problems, dtype=torch.int8, device=device),
+        resampled=torch.empty(num_problems, dtype=flags, device=device),
         ancestors=i32(), next_aggregates=f32(), next_num_steps=i32(),
-        next_live=torch.empty(num_particles, dtype=torch.int8, device=device),
+        next_live=torch.empty(num_particles, dtype=flags, device=device),
     )
 
 
@@ -350,19 +415,19 @@ def fused_resample(
     ValueError
         Malformed inputs, or NaN/inf logits (rewards outside [0, 1]) at a live particle.
     """
-    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    layout = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    _check_uniform_range(uniforms)
     device = aggregates.device
-    num_problems, num_particles = len(seg) - 1, int(seg[-1])
+    num_problems, num_particles = layout.num_problems, layout.num_particles
     out = _empty_output(num_particles, num_problems, device)
     if num_problems == 0:
         return out._replace(resampled=out.resampled.bool(), next_live=out.next_live.bool())
-    block = max(16, triton.next_power_of_2(int(np.diff(seg).max(initial=1))))
-    seg_t = torch.from_numpy(seg.astype(np.int32)).to(device, non_blocking=True)
+    block = max(16, triton.next_power_of_2(max(layout.width, 1)))
     scratch = torch.empty(max(num_particles, 1), dtype=torch.float64, device=device)
     threshold = float("inf") if params.ess_threshold is None else params.ess_threshold
     invalid = torch.empty(num_problems, dtype=torch.int32, device=device)
     _fused_resample_kernel[(num_problems,)](
-        seg_t, prm_output.contiguous(), live.to(torch.int8), aggregates.contiguous(), num_steps.contiguous(),
+        layout.seg_device, prm_output.contiguous(), live.to(torch.int8), aggregates.contiguous(), num_steps.contiguous(),
         aggregates if uniforms is None else uniforms,  # not read without uniforms
         scratch,
         out.rewards, out.aggregates, out.num_steps, out.weights, out.ancestors,
@@ -377,6 +442,41 @@ def fused_resample(
     )
     _raise_on_invalid(invalid, prm_output, live, params)
     return out._replace(resampled=out.resampled.bool(), next_live=out.next_live.bool())
+
+
+def fused_resample_cpu(
+    seg_offsets,
+    prm_output: torch.Tensor,
+    live: torch.Tensor,
+    aggregates: torch.Tensor,
+    num_steps: torch.Tensor,
+    params: ResampleParams,
+    seed: int = 0,
+    counter: int = 0,
+    uniforms: torch.Tensor | None = None,
+) -> ResampleOutput:
+    """:func:`fused_resample` for CPU tensors: one pass of the native extension over all problems.
+
+    Same arguments, math and draws as the Triton kernel (csrc/resample.cpp); the CPU path.
+    """
+    layout = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    if aggregates.device.type != "cpu":
+        raise ValueError(f"fused_resample_cpu takes CPU tensors, got {aggregates.device}; use fused_resample")
+    out = _empty_output(layout.num_particles, layout.num_problems, aggregates.device, flags=torch.bool)
+    invalid = torch.empty(layout.num_problems, dtype=torch.int32)
+    prm_output, live, aggregates, num_steps = (t.contiguous() for t in (prm_output, live, aggregates, num_steps))
+    threshold = float("inf") if params.ess_threshold is None else params.ess_threshold
+    num_invalid = _C.fused_resample(
+        layout.seg.ctypes.data, layout.num_problems,
+        prm_output.data_ptr(), live.data_ptr(), aggregates.data_ptr(), num_steps.data_ptr(),
+        0 if uniforms is None else uniforms.contiguous().data_ptr(),
+        *(t.data_ptr() for t in out), invalid.data_ptr(),
+        seed, counter, REWARD_KINDS.index(params.reward), AGGREGATIONS.index(params.aggregation),
+        SCHEMES.index(params.scheme), 1.0 / params.temperature, params.clip, threshold,
+    )
+    if num_invalid:
+        _raise_on_invalid(invalid, prm_output, live, params)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -404,43 +504,50 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-class _Rows:
-    """Flat per-particle tensors seen as [num_problems, max_n] rows.
-
-    Equal-size problems are a free view; ragged ones are gathered and padded.
-    ``counts`` is [num_problems, 1] (an int when all are equal).
-    """
-
-    def __init__(self, seg: np.ndarray, device: torch.device):
-        sizes = np.diff(seg)
-        self.num_problems, self.width = len(sizes), int(sizes.max(initial=0))
-        self.equal = bool((sizes == self.width).all())
-        self.lane = torch.arange(self.width, device=device)
-        if self.equal:
-            self.counts = self.width
-            self.starts = torch.arange(0, self.num_problems * self.width, max(self.width, 1), device=device)[:, None]
+def _draw(rows: _Layout, w: torch.Tensor, do_resample: torch.Tensor, params: ResampleParams,
+          uniforms: torch.Tensor | None, seed: int, counter: int) -> torch.Tensor:
+    """int64 [num_particles] global ancestors drawn from the rows of normalized weights
+    ``w`` (padding lanes 0); identity for problems that do not resample."""
+    # Points in [0, total) searched in the cdf; see the kernel.
+    if uniforms is None:
+        uniforms = philox_uniform(seed, torch.arange(rows.num_particles, device=w.device) + (counter << 32))
+    if params.scheme == "residual":
+        nw = w * rows.counts
+        copies = torch.floor(nw)
+        num_fixed = copies.sum(dim=1, keepdim=True)
+        cumcopies = rows.pad(torch.cumsum(copies, dim=1, dtype=torch.float64), float("inf"))
+        fixed = torch.searchsorted(cumcopies, rows.lane64.expand_as(cumcopies).contiguous(), right=True)
+        cdf = torch.cumsum(nw - copies, dim=1, dtype=torch.float64)
+        points = rows.rows(uniforms, 0.0) * cdf[:, -1:]
+    else:
+        cdf = torch.cumsum(w, dim=1, dtype=torch.float64)
+        total = cdf[:, -1:]
+        if params.scheme == "systematic":
+            points = (rows.lane64 + rows.rows(uniforms, 0.0)[:, :1]) * (total / rows.counts)
+        elif params.scheme == "stratified":
+            points = (rows.lane64 + rows.rows(uniforms, 0.0)) * (total / rows.counts)
         else:
-            self.counts = torch.from_numpy(sizes).to(device)[:, None]
-            self.starts = torch.from_numpy(seg[:-1]).to(device)[:, None]
-            self.mask = self.lane < self.counts
-            self.index = (self.starts + self.lane).clamp(max=max(int(seg[-1]) - 1, 0))
-
-    def rows(self, x: torch.Tensor, fill) -> torch.Tensor:
-        if self.equal:
-            return x.view(self.num_problems, self.width)
-        return x[self.index].masked_fill_(~self.mask, fill)
-
-    def flat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1) if self.equal else x[self.mask]
-
-    def pad(self, x: torch.Tensor, fill) -> torch.Tensor:
-        """Sets the padding lanes of a rows tensor to fill (nothing to do for equal sizes)."""
-        return x if self.equal else x.masked_fill_(~self.mask, fill)
+            points = rows.rows(uniforms, 0.0) * total
+    chosen = torch.searchsorted(rows.pad(cdf, float("inf")), points, right=True)
+    if params.scheme == "residual":
+        chosen = torch.where(rows.lane < num_fixed, fixed, chosen)
+    if params.ess_threshold is not None:
+        chosen = torch.where(do_resample[:, None], chosen, rows.lane)
+    return rows.flat(chosen + rows.starts)
 
 
-def _search(cdf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Per row, how many cdf values are <= each point."""
-    return torch.searchsorted(cdf, points, right=True)
+def reference_ancestors(seg_offsets, weights: torch.Tensor, resampled: torch.Tensor, params: ResampleParams,
+                        seed: int = 0, counter: int = 0, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's draw from given weights: int32 ancestors, as :func:`fused_resample_reference`
+    draws them from its own weights.
+
+    An implementation's weights equal the reference's only up to rounding, and a point
+    that falls within that rounding of a cdf step may pick the neighbouring particle;
+    so implementations are held to exactly these ancestors of their own weights.
+    """
+    rows = _layout(np.asarray(seg_offsets).astype(np.int64).tobytes(), weights.device)
+    w = rows.pad(rows.rows(weights, 0.0), 0.0)
+    return _draw(rows, w, resampled, params, uniforms, seed, counter).int()
 
 
 def fused_resample_reference(
@@ -454,36 +561,33 @@ def fused_resample_reference(
     counter: int = 0,
     uniforms: torch.Tensor | None = None,
 ) -> ResampleOutput:
-    """Plain-torch :func:`fused_resample`: same arguments, same math, same draws."""
-    seg = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    """Plain-torch :func:`fused_resample`: same arguments, same math, same draws; the test oracle."""
+    rows = _check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    _check_uniform_range(uniforms)
     device = aggregates.device
-    num_particles = int(seg[-1])
-    rows = _Rows(seg, device)
 
-    # Step reward and running aggregate, flat.
+    # Step reward and running aggregate, flat. One sum tells whether every value is usable;
+    # only if not is it worth finding out which (finished particles may hold anything).
     if params.reward == "reward":
         r = prm_output
-        ok = (r >= 0) & (r <= 1)
+        usable = r.numel() == 0 or (lambda lo, hi: lo >= 0 and hi <= 1)(*(v.item() for v in torch.aminmax(r)))
+        bad = lambda: ~((r >= 0) & (r <= 1))  # noqa: E731
     else:
-        x0, x1 = prm_output[:, 0], prm_output[:, 1]
-        diff = x1 - x0 if params.reward == "class_logits" else x0 - x1
-        r = torch.sigmoid(diff)
-        ok = diff.abs() < float("inf")  # inf - inf and anything with NaN are NaN
-    if not bool(ok.all()):  # finished particles may hold anything; look closer
-        bad = live & ~ok
-        sizes = torch.from_numpy(np.diff(seg)).to(device)
-        problem_of = torch.repeat_interleave(torch.arange(rows.num_problems, device=device), sizes)
-        invalid = torch.zeros(rows.num_problems, dtype=torch.int32, device=device).index_add_(0, problem_of, bad.int())
-        _raise_on_invalid(invalid, prm_output, live, params)
-    prev, first = aggregates, num_steps == 0
+        diff = torch.diff(prm_output, dim=1).view(-1)  # x1 - x0
+        r = torch.sigmoid(diff if params.reward == "class_logits" else diff.neg_())
+        usable = math.isfinite(diff.sum().item())  # false too if the sum overflows
+        bad = lambda: ~torch.isfinite(prm_output).all(dim=1)  # noqa: E731
+    if not usable:
+        _raise_on_invalid(rows.per_problem_sum((bad() & live).int()), prm_output, live, params)
+    prev = aggregates
     new = {
         "last": lambda: r,
-        "min": lambda: torch.where(first, r, torch.minimum(prev, r)),
-        "product": lambda: torch.where(first, r, prev * r),
-        "mean": lambda: prev + (r - prev) / (num_steps + 1).float(),
+        "min": lambda: torch.where(num_steps == 0, r, torch.minimum(prev, r)),
+        "product": lambda: torch.where(num_steps == 0, r, prev * r),
+        "mean": lambda: prev + (r - prev) / (num_steps + 1),
     }[params.aggregation]()
     agg = torch.where(live, new, prev)
-    steps = torch.where(live, num_steps + 1, num_steps)
+    steps = num_steps + live
 
     # Weights, per problem row.
     logw = torch.logit(agg, eps=params.clip if params.clip > 0 else None)
@@ -511,32 +615,7 @@ def fused_resample_reference(
     else:
         do_resample = ess < params.ess_threshold * counts
 
-    # Points in [0, total) searched in the cdf; see the kernel.
-    if uniforms is None:
-        uniforms = philox_uniform(seed, torch.arange(num_particles, device=device) + (counter << 32))
-    u = rows.rows(uniforms, 0.0).double()
-    if params.scheme == "residual":
-        nw = w * rows.counts
-        copies = torch.floor(nw)
-        num_fixed = copies.sum(dim=1, keepdim=True)
-        cumcopies = rows.pad(torch.cumsum(copies.double(), dim=1), float("inf"))
-        fixed = _search(cumcopies, rows.lane.double().expand_as(cumcopies).contiguous())
-        cdf = torch.cumsum((nw - copies).double(), dim=1)
-        points = u * cdf[:, -1:]
-    else:
-        cdf = torch.cumsum(w, dim=1, dtype=torch.float64)
-        if params.scheme == "systematic":
-            points = (rows.lane + u[:, :1]) * (cdf[:, -1:] / rows.counts)
-        elif params.scheme == "stratified":
-            points = (rows.lane + u) * (cdf[:, -1:] / rows.counts)
-        else:
-            points = u * cdf[:, -1:]
-    chosen = _search(rows.pad(cdf, float("inf")), points)
-    if params.scheme == "residual":
-        chosen = torch.where(rows.lane < num_fixed, fixed, chosen)
-    if params.ess_threshold is not None:
-        chosen = torch.where(do_resample[:, None], chosen, rows.lane)
-    ancestors = rows.flat(chosen + rows.starts)
+    ancestors = _draw(rows, w, do_resample, params, uniforms, seed, counter)
 
     return ResampleOutput(
         rewards=torch.where(live, r, float("nan")),

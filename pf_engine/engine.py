@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import boxed_answer
-from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_reference, philox_uniform
+from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_cpu, philox_uniform
 from pf_engine.prm import ModelPRM, RulePRM
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
@@ -288,7 +288,7 @@ class ParticleEngine:
         problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
         uniforms = search_uniforms(seed, problems, round_, slots, RESAMPLE_TOKEN)
         device = self.policy.device
-        fused = fused_resample if device.type == "cuda" else fused_resample_reference
+        fused = fused_resample if device.type == "cuda" else fused_resample_cpu
         return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
                      params, uniforms=uniforms.to(device))
 

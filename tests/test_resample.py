@@ -1,11 +1,12 @@
-"""kernels/resample.py: the fused kernel against its torch reference, the math by hand,
-the statistics of every scheme, and its errors.
+"""kernels/resample.py: the fused kernel and the native CPU step against the torch
+reference, the math by hand, the statistics of every scheme, and the errors.
 
 The Triton interpreter costs ~25 ms per program (one per problem): kernel runs
-keep problems few; many-draw statistics also run on the reference, which the
-kernel matches exactly.
+keep problems few; many-draw statistics also run on the native step and the
+reference.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -16,16 +17,29 @@ from pf_engine.kernels.resample import (
     AGGREGATIONS,
     REWARD_KINDS,
     SCHEMES,
+    ResampleOutput,
     ResampleParams,
     fused_resample,
+    fused_resample_cpu,
     fused_resample_reference,
     philox_uniform,
+    reference_ancestors,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARTICLE_COUNTS = [1, 7, 64, 1000]  # one problem of each size, in one launch
 PROBLEM_COUNTS = [1, 3, 9]
-IMPLS = [fused_resample, fused_resample_reference]
+
+
+def native(*args, **kwargs):
+    """fused_resample_cpu on the test's inputs, wherever they live; outputs on DEVICE."""
+    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    out = fused_resample_cpu(*map(cpu, args), **{k: cpu(v) for k, v in kwargs.items()})
+    return ResampleOutput(*(t.to(DEVICE) for t in out))
+
+
+FUSED = [fused_resample, native]  # held to the reference
+IMPLS = FUSED + [fused_resample_reference]
 
 
 def make_inputs(counts, reward="class_logits", seed=0, finished=0.2):
@@ -39,30 +53,58 @@ def make_inputs(counts, reward="class_logits", seed=0, finished=0.2):
     return seg, prm.to(DEVICE), live.to(DEVICE), aggregates.to(DEVICE), num_steps.to(DEVICE)
 
 
-def assert_same(kernel, ref):
-    for name in ("ancestors", "resampled", "next_live", "num_steps", "next_num_steps"):
-        a, b = getattr(kernel, name).cpu(), getattr(ref, name).cpu()
+def assert_same(out, ref, inputs, params, **draws):
+    """``out`` equals the reference ``ref`` of the same inputs: its weights to fp32
+    rounding, its ancestors exactly as the reference draws them from those weights,
+    and its next-step state exactly as gathered at its ancestors."""
+    def exact(name, a, b):
+        a, b = a.cpu(), b.cpu()
         diff = (a != b).nonzero().flatten()
         assert len(diff) == 0, f"{name}: {len(diff)} of {a.numel()} differ, first at {diff[:5].tolist()}"
-    for name in ("rewards", "aggregates", "weights", "ess", "next_aggregates"):
-        torch.testing.assert_close(getattr(kernel, name), getattr(ref, name), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+    for name in ("resampled", "num_steps"):
+        exact(name, getattr(out, name), getattr(ref, name))
+    for name in ("rewards", "aggregates", "weights", "ess"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-6, equal_nan=True)
+    exact("ancestors", out.ancestors, reference_ancestors(inputs[0], out.weights, out.resampled, params, **draws))
+    src = out.ancestors.long()
+    exact("next_aggregates", out.next_aggregates, out.aggregates[src])
+    exact("next_num_steps", out.next_num_steps, out.num_steps[src])
+    exact("next_live", out.next_live, inputs[2][src])
 
 
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_kernel_equals_reference_every_scheme_and_aggregation(scheme, aggregation):
+def test_fused_equals_reference_every_scheme_and_aggregation(impl, scheme, aggregation):
     inputs = make_inputs(PARTICLE_COUNTS, seed=SCHEMES.index(scheme))
     params = ResampleParams(aggregation=aggregation, scheme=scheme, temperature=0.7)
-    assert_same(fused_resample(*inputs, params, seed=11, counter=3), fused_resample_reference(*inputs, params, seed=11, counter=3))
+    draws = dict(seed=11, counter=3)
+    assert_same(impl(*inputs, params, **draws), fused_resample_reference(*inputs, params, **draws), inputs, params, **draws)
 
 
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("reward", REWARD_KINDS)
 @pytest.mark.parametrize("num_problems", PROBLEM_COUNTS)
-def test_kernel_equals_reference_every_reward_kind(reward, num_problems):
+def test_fused_equals_reference_every_reward_kind(impl, reward, num_problems):
     counts = np.random.default_rng(num_problems).integers(1, 40, size=num_problems)
     inputs = make_inputs(counts, reward=reward, seed=num_problems)
     params = ResampleParams(reward=reward, aggregation="product", scheme="residual")
-    assert_same(fused_resample(*inputs, params, seed=5), fused_resample_reference(*inputs, params, seed=5))
+    assert_same(impl(*inputs, params, seed=5), fused_resample_reference(*inputs, params, seed=5), inputs, params, seed=5)
+
+
+# Many configurations at once, where it is cheap: the native step on every
+# temperature, clip, threshold and layout (empty problems, equal sizes, 1 to 1000).
+@pytest.mark.parametrize("temperature,clip,ess_threshold", [(1.0, 1e-6, None), (0.7, 0.0, 0.5), (2.5, 1e-3, 0.9)])
+@pytest.mark.parametrize("counts", [[1, 7, 64, 1000], [64] * 8, [0, 3, 0, 5]])
+def test_native_equals_reference_every_setting(temperature, clip, ess_threshold, counts):
+    for reward, aggregation, scheme in itertools.product(REWARD_KINDS, AGGREGATIONS, SCHEMES):
+        inputs = make_inputs(counts, reward=reward, seed=len(counts))
+        params = ResampleParams(reward=reward, aggregation=aggregation, scheme=scheme, temperature=temperature,
+                                clip=clip, ess_threshold=ess_threshold)
+        draws = dict(seed=3, counter=SCHEMES.index(scheme))
+        assert_same(native(*inputs, params, **draws), fused_resample_reference(*inputs, params, **draws), inputs, params,
+                    **draws)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -72,7 +114,8 @@ def test_given_uniforms_are_used_exactly(impl):
     uniforms = torch.rand(14, device=DEVICE)
     out = impl(seg, prm, live, agg, steps, params, uniforms=uniforms)
     other = impl(seg, prm, live, agg, steps, params, uniforms=1 - uniforms)
-    assert_same(out, fused_resample_reference(seg, prm, live, agg, steps, params, uniforms=uniforms))
+    ref = fused_resample_reference(seg, prm, live, agg, steps, params, uniforms=uniforms)
+    assert_same(out, ref, (seg, prm, live, agg, steps), params, uniforms=uniforms)
     # stratified point i of problem 0 is (i + u_i) / 5: recompute its ancestors by hand
     cdf = torch.cumsum(out.weights[:5].double().cpu(), 0)
     points = (torch.arange(5) + uniforms[:5].double().cpu()) / 5
@@ -217,7 +260,7 @@ REWARDS = [0.95, 0.6, 0.6, 0.3, 0.1, 0.05, 0.5, 0.0]  # the last has weight exac
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (fused_resample_reference, 20000)])
+@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (native, 20000), (fused_resample_reference, 20000)])
 def test_mean_offspring_is_n_times_weight(scheme, impl, draws):
     inputs = replicated(REWARDS, draws)
     out = impl(*inputs, ResampleParams(reward="reward", clip=0.0, scheme=scheme), seed=123)
@@ -236,7 +279,7 @@ def test_mean_offspring_is_n_times_weight(scheme, impl, draws):
 # leave it by one: an interval of length n w = 1 that straddles two strata
 # catches 0, 1 or 2 points (see the next test).
 @pytest.mark.parametrize("scheme,slack", [("systematic", 0), ("stratified", 1)])
-@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (fused_resample_reference, 5000)])
+@pytest.mark.parametrize("impl,draws", [(fused_resample, 48), (native, 5000), (fused_resample_reference, 5000)])
 def test_offspring_near_floor_and_ceil(scheme, slack, impl, draws):
     inputs = replicated(REWARDS, draws)
     out = impl(*inputs, ResampleParams(reward="reward", clip=0.0, scheme=scheme), seed=9)
@@ -278,6 +321,40 @@ def test_non_finite_prm_output_is_reported(impl, bad_value):
     torch.testing.assert_close(prm, before, rtol=0, atol=0, equal_nan=True)
     live[5] = False  # a finished particle's output is never read
     impl(seg, prm, live, agg, steps, ResampleParams())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_finite_logits_whose_difference_overflows_are_no_error(impl):
+    logits = torch.tensor([[3e38, -3e38], [-3e38, 3e38]], device=DEVICE)
+    live = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    out = impl([0, 2], logits, live, torch.zeros(2, device=DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE),
+               ResampleParams())
+    assert out.rewards.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad_value", [1.0, -0.25, float("nan")])
+def test_uniforms_outside_the_unit_interval_are_refused(impl, bad_value):
+    seg, prm, live, agg, steps = make_inputs([3, 2])
+    uniforms = torch.full((5,), 0.5, device=DEVICE)
+    uniforms[3] = bad_value
+    with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+        impl(seg, prm, live, agg, steps, ResampleParams(), uniforms=uniforms)
+
+
+def test_native_sigmoid_is_within_two_ulp_over_the_float_range():
+    # The native step computes exp with its own vectorized polynomial.
+    d = torch.linspace(-87, 120, 4096 * 8)
+    seg = np.arange(9) * 4096
+    live = torch.ones(len(d), dtype=torch.bool)
+    zeros, steps = torch.zeros(len(d)), torch.zeros(len(d), dtype=torch.int32)
+    out = fused_resample_cpu(seg, torch.stack([torch.zeros_like(d), d], dim=1), live, zeros, steps, ResampleParams())
+    exact = torch.sigmoid(d.double())
+    relative = ((out.rewards.double() - exact).abs() / exact).max().item()
+    assert relative <= 2 * torch.finfo(torch.float32).eps, f"{relative / torch.finfo(torch.float32).eps:.2f} ulp"
+    far = torch.tensor([[0.0, -1e30], [0.0, -100.0], [0.0, 100.0], [0.0, 1e30]])
+    out = fused_resample_cpu([0, 4], far, live[:4], zeros[:4], steps[:4], ResampleParams())
+    assert out.rewards.tolist() == [0.0, torch.sigmoid(torch.tensor(-100.0)).item(), 1.0, 1.0]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pf_engine.engine import ANCESTOR_TOKEN, REFERENCE_TOKEN, Particle, ParticleEngine, TreeNode, search_uniforms
-from pf_engine.kernels.resample import fused_resample_reference
+from pf_engine.kernels.resample import fused_resample_cpu
 from pf_engine.sampling import SamplingParams, sample
 from pf_engine.search.config import ALGORITHMS, SearchConfig
 
@@ -153,9 +153,8 @@ def _condition_on_references(engine: ParticleEngine, questions, keys, cfg: Searc
     for k, prm_output in enumerate(prm_outputs):
         rows = torch.tensor([i for i, f in enumerate(futures) if len(f) > k])
         seg = np.concatenate([[0], np.cumsum(np.unique(np.asarray(problem_of)[rows.numpy()], return_counts=True)[1])])
-        spliced_out = fused_resample_reference(seg, prm_output, torch.ones(len(rows), dtype=torch.bool),
-                                               aggregates[rows], num_steps[rows], params,
-                                               uniforms=torch.zeros(len(rows)))
+        spliced_out = fused_resample_cpu(seg, prm_output, torch.ones(len(rows), dtype=torch.bool),
+                                         aggregates[rows], num_steps[rows], params, uniforms=torch.zeros(len(rows)))
         logw[rows] += torch.log(spliced_out.weights.double())
         aggregates[rows], num_steps[rows] = spliced_out.aggregates, spliced_out.num_steps
     # One draw per problem, by inverse CDF over its slots (-inf where a slot is no candidate).
