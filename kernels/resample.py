@@ -204,7 +204,8 @@ def _fused_resample_kernel(
     tl.store(weight_ptr + g, w, mask=mask)
     ess = tl.where(n > 0, 1.0 / tl.sum(w * w, axis=0), 0.0)
     tl.store(ess_ptr + pid, ess)
-    do_resample = ess < ess_threshold * n.to(tl.float32)
+    # Without a threshold (inf) every problem resamples, empty ones too (inf * 0 is NaN).
+    do_resample = (ess < ess_threshold * n.to(tl.float32)) | (ess_threshold == float("inf"))
     tl.store(resampled_ptr + pid, do_resample.to(tl.int8))
 
     # Points in [0, total) and the cdf they are searched in.
@@ -570,7 +571,8 @@ def fused_resample_reference(
     # only if not is it worth finding out which (finished particles may hold anything).
     if params.reward == "reward":
         r = prm_output
-        usable = r.numel() == 0 or (lambda lo, hi: lo >= 0 and hi <= 1)(*(v.item() for v in torch.aminmax(r)))
+        lowest, highest = (v.item() for v in torch.aminmax(r)) if r.numel() else (0.0, 0.0)
+        usable = lowest >= 0 and highest <= 1
         bad = lambda: ~((r >= 0) & (r <= 1))  # noqa: E731
     else:
         diff = torch.diff(prm_output, dim=1).view(-1)  # x1 - x0

@@ -233,6 +233,7 @@ def test_empty_problems_are_skipped(impl):
     seg, prm, live, agg, steps = make_inputs([0, 3, 0, 2, 0])
     out = impl(seg, prm, live, agg, steps, ResampleParams(), seed=4)
     assert out.ess[[0, 2, 4]].tolist() == [0, 0, 0]
+    assert out.resampled.tolist() == [True] * 5  # no threshold: every problem resamples
     assert out.ancestors[:3].max() < 3 and out.ancestors[3:].min() >= 3
     assert out.weights.shape == (5,)
 
