@@ -232,6 +232,12 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
       },
       "One particle-filter step for all problems on the CPU (see kernels/resample.py); returns the number of "
       "live particles with unusable PRM output. uniforms may be 0: Philox draws.");
-  m.def("philox_uniform", &pf_engine::philox_uniform, py::arg("seed"), py::arg("offset"),
-        "Triton's tl.rand(seed, offset) as a float in [0, 1).");
+  m.def(
+      "philox_uniforms",
+      [](uint64_t seed, std::uintptr_t offsets, int64_t n, std::uintptr_t out) {
+        py::gil_scoped_release release;
+        pf_engine::philox_uniforms(seed, reinterpret_cast<const int64_t*>(offsets), n, reinterpret_cast<float*>(out));
+      },
+      py::arg("seed"), py::arg("offsets"), py::arg("n"), py::arg("out"),
+      "out[i] = Triton's tl.rand(seed, offsets[i]) for n int64 offsets; raw addresses of contiguous CPU arrays.");
 }

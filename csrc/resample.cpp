@@ -242,6 +242,10 @@ float philox_uniform(uint64_t seed, uint64_t offset) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
+void philox_uniforms(uint64_t seed, const int64_t* offsets, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(seed, static_cast<uint64_t>(offsets[i]));
+}
+
 int64_t fused_resample(const ResampleInputs& in, const ResampleOutputs& out) {
   const int64_t num_particles = in.seg[in.num_problems];
   if (in.uniforms) check_uniforms(in.uniforms, num_particles);

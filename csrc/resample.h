@@ -54,4 +54,7 @@ int64_t fused_resample(const ResampleInputs& in, const ResampleOutputs& out);
 // Triton's tl.rand(seed, offset): Philox4x32-10, first word, as a float in [0, 1).
 float philox_uniform(uint64_t seed, uint64_t offset);
 
+// out[i] = philox_uniform(seed, offsets[i]) for i < n (offsets' int64 bits read as uint64).
+void philox_uniforms(uint64_t seed, const int64_t* offsets, int64_t n, float* out);
+
 }  // namespace pf_engine

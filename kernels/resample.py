@@ -488,6 +488,22 @@ _M32 = 0xFFFFFFFF
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.rand(seed, offsets)`` (Philox4x32-10), bit for bit: natively for CPU
+    offsets (the torch replica costs ~100 small ops), else :func:`philox_uniform_reference`.
+
+    offsets: int64 tensor; returns float32 in [0, 1) of the same shape.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if offsets.device.type != "cpu":
+        return philox_uniform_reference(seed, offsets)
+    offsets = offsets.to(torch.int64).contiguous()
+    out = torch.empty(offsets.shape, dtype=torch.float32)
+    _C.philox_uniforms(seed, offsets.data_ptr(), offsets.numel(), out.data_ptr())
+    return out
+
+
+def philox_uniform_reference(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Bit-exact torch replica of Triton's ``tl.rand(seed, offsets)`` (Philox4x32-10).
 
     offsets: int64 tensor; returns float32 in [0, 1) of the same shape.
@@ -511,7 +527,7 @@ def _draw(rows: _Layout, w: torch.Tensor, do_resample: torch.Tensor, params: Res
     ``w`` (padding lanes 0); identity for problems that do not resample."""
     # Points in [0, total) searched in the cdf; see the kernel.
     if uniforms is None:
-        uniforms = philox_uniform(seed, torch.arange(rows.num_particles, device=w.device) + (counter << 32))
+        uniforms = philox_uniform_reference(seed, torch.arange(rows.num_particles, device=w.device) + (counter << 32))
     if params.scheme == "residual":
         nw = w * rows.counts
         copies = torch.floor(nw)

@@ -21,7 +21,7 @@ from tiny import save_tiny_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pf_engine import Engine, SearchConfig
-from pf_engine.kernels.resample import philox_uniform
+from pf_engine.kernels.resample import philox_uniform_reference
 
 CONFIG = SearchConfig(num_particles=5, max_steps=4, max_step_tokens=5, max_new_tokens=14, temperature=0.9,
                       stop_at_boxed=False, step_delimiter="e", weight_temperature=0.7, seed=11)
@@ -35,7 +35,7 @@ def reward(question, steps):
 
 def draw(seed, problem, round_, slot, token):
     key = (problem << 43) | (round_ << 23) | (slot << 12) | token
-    return float(philox_uniform(seed, torch.tensor([key]))[0])
+    return float(philox_uniform_reference(seed, torch.tensor([key]))[0])
 
 
 def sampling_logprobs(model, ids, temperature):

@@ -23,6 +23,7 @@ from pf_engine.kernels.resample import (
     fused_resample_cpu,
     fused_resample_reference,
     philox_uniform,
+    philox_uniform_reference,
     reference_ancestors,
 )
 
@@ -132,6 +133,16 @@ def test_philox_draws_are_reproducible_per_seed_and_counter():
     assert not torch.equal(a.ancestors, fused_resample(*inputs, params, seed=8, counter=1).ancestors)
     u = philox_uniform(7, torch.arange(100_000) + (1 << 32))
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_native_philox_equals_the_torch_replica_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.cat([torch.arange(4096) + (5 << 32), torch.randint(-2**62, 2**62, (4096,), generator=gen),
+                         torch.tensor([0, -1, 2**63 - 1, -2**63])])
+    for seed in (0, 7, 2**40 + 3, 2**64 - 1):
+        native, replica = philox_uniform(seed, offsets), philox_uniform_reference(seed, offsets)
+        assert torch.equal(native, replica), f"seed {seed}: {(native != replica).sum()} differ"
+    assert philox_uniform(3, offsets.view(2, -1)).shape == (2, 4098)
 
 
 def test_hand_worked_example_of_four_particles():
