@@ -275,6 +275,7 @@ class _Layout:
         if sizes.size and sizes.max() > MAX_PARTICLES:
             raise ValueError(f"a problem has {sizes.max()} particles; at most {MAX_PARTICLES} are supported")
         self.seg = seg
+        self.seg_address = seg.ctypes.data  # for the native step; seg lives as long as the layout
         self.num_problems, self.num_particles = len(sizes), int(seg[-1])
         self.width = int(sizes.max(initial=0))
         self.equal = bool((sizes == self.width).all())
@@ -468,7 +469,7 @@ def fused_resample_cpu(
     prm_output, live, aggregates, num_steps = (t.contiguous() for t in (prm_output, live, aggregates, num_steps))
     threshold = float("inf") if params.ess_threshold is None else params.ess_threshold
     num_invalid = _C.fused_resample(
-        layout.seg.ctypes.data, layout.num_problems,
+        layout.seg_address, layout.num_problems,
         prm_output.data_ptr(), live.data_ptr(), aggregates.data_ptr(), num_steps.data_ptr(),
         0 if uniforms is None else uniforms.contiguous().data_ptr(),
         *(t.data_ptr() for t in out), invalid.data_ptr(),
