@@ -121,6 +121,16 @@ or freed sequence id, ``ValueError``/``TypeError`` for malformed arguments.
           py::arg("seq_ids"), py::arg("num_new_tokens"),
           "Free blocks append(seq_ids, num_new_tokens) would take, copy-on-write copies included.")
       .def(
+          "truncate",
+          [](BlockManager& self, const py::object& seq_ids, const py::object& num_tokens) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            auto counts = as_ids(num_tokens, "num_tokens");
+            self.truncate(view(ids), view(counts));
+          },
+          py::arg("seq_ids"), py::arg("num_tokens"),
+          "Shorten each sequence to its first num_tokens[i] tokens (at most its length), giving back blocks it no "
+          "longer needs: the undo of an append whose tokens were never written. Nothing changes on an error.")
+      .def(
           "append",
           [](BlockManager& self, int64_t seq_id, int64_t num_new_tokens) {
             return append_result(self.append({&seq_id, 1}, {&num_new_tokens, 1}));

@@ -176,6 +176,30 @@ AppendResult BlockManager::append(View<int64_t> seq_ids, View<int64_t> num_new_t
   return out;
 }
 
+void BlockManager::truncate(View<int64_t> seq_ids, View<int64_t> num_tokens) {
+  if (seq_ids.size != num_tokens.size) {
+    throw std::invalid_argument("truncate: seq_ids has " + std::to_string(seq_ids.size) +
+                                " entries but num_tokens has " + std::to_string(num_tokens.size));
+  }
+  const SeqPtrs seqs = lookup_unique(seq_ids, "truncate");
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    if (num_tokens[i] < 0 || num_tokens[i] > seqs[i]->num_tokens) {
+      throw std::invalid_argument("truncate: sequence " + std::to_string(seq_ids[i]) + " has " +
+                                  std::to_string(seqs[i]->num_tokens) + " tokens, cannot keep " +
+                                  std::to_string(num_tokens[i]));
+    }
+  }
+  // Everything that can throw has run; from here on nothing fails.
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    Sequence& seq = const_cast<Sequence&>(*seqs[i]);
+    std::vector<int32_t>& table = seq.block_table;
+    const auto keep = static_cast<std::size_t>(blocks_for(num_tokens[i]));
+    release(std::vector<int32_t>(table.begin() + keep, table.end()));
+    table.resize(keep);
+    seq.num_tokens = num_tokens[i];
+  }
+}
+
 std::vector<int64_t> BlockManager::resample(View<int64_t> seq_ids, View<int64_t> ancestors) {
   lookup_unique(seq_ids, "resample");
   for (std::size_t j = 0; j < ancestors.size; ++j) {

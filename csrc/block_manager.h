@@ -64,6 +64,10 @@ class BlockManager {
   int64_t num_blocks_to_append(View<int64_t> seq_ids, View<int64_t> num_new_tokens) const;
   bool can_append(View<int64_t> seq_ids, View<int64_t> num_new_tokens) const;
   AppendResult append(View<int64_t> seq_ids, View<int64_t> num_new_tokens);
+  // Shortens sequence seq_ids[i] to its first num_tokens[i] tokens (at most its
+  // length), giving back the blocks it no longer needs: the undo of an append
+  // whose tokens were never written. A copy-on-write copy append made stays.
+  void truncate(View<int64_t> seq_ids, View<int64_t> num_tokens);
 
   std::vector<int64_t> resample(View<int64_t> seq_ids, View<int64_t> ancestors);
 

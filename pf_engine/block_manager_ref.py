@@ -100,10 +100,7 @@ class PyBlockManager:
         return seq_id
 
     def free(self, seq_id: int) -> None:
-        for block in self._table(seq_id):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                self._free.append(block)
+        self._release(self._table(seq_id))
         del self._tables[seq_id], self._lengths[seq_id]
 
     def fork(self, seq_id: int) -> int:
@@ -138,6 +135,20 @@ class PyBlockManager:
             self._lengths[seq_id] = length + n
         return np.array(slots, dtype=np.int32), np.array(copies, dtype=np.int32).reshape(-1, 2)
 
+    def truncate(self, seq_ids, num_tokens) -> None:
+        seq_ids, num_tokens = [int(s) for s in np.atleast_1d(seq_ids)], [int(n) for n in np.atleast_1d(num_tokens)]
+        if len(seq_ids) != len(num_tokens):
+            raise ValueError(f"seq_ids has {len(seq_ids)} entries but num_tokens has {len(num_tokens)}")
+        self._check_unique_ids(seq_ids)
+        for seq_id, n in zip(seq_ids, num_tokens):
+            if not 0 <= n <= self._lengths[seq_id]:
+                raise ValueError(f"truncate: sequence {seq_id} has {self._lengths[seq_id]} tokens, cannot keep {n}")
+        for seq_id, n in zip(seq_ids, num_tokens):
+            table, keep = self._tables[seq_id], self._blocks_for(n)
+            self._release(table[keep:])
+            del table[keep:]
+            self._lengths[seq_id] = n
+
     def resample(self, seq_ids, ancestors) -> np.ndarray:
         seq_ids, ancestors = [int(s) for s in seq_ids], [int(a) for a in ancestors]
         self._check_unique_ids(seq_ids)
@@ -164,6 +175,12 @@ class PyBlockManager:
 
     def _slot(self, seq_id: int, pos: int) -> int:
         return self._tables[seq_id][pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _release(self, blocks) -> None:
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
 
     def _take(self) -> int:
         block = self._free.pop()

@@ -38,7 +38,8 @@ class ModelRunner:
         Returns the hidden states of the new tokens, sequence after sequence:
         [sum(len(t) for t in new_tokens), hidden_size]. Raises OutOfBlocksError
         (nothing changed) when the cache is too small, ValueError for a token id
-        outside the vocabulary.
+        outside the vocabulary; if the forward itself fails, the sequences are
+        truncated back to their lengths before the call and the error re-raised.
         """
         counts = np.array([len(t) for t in new_tokens], dtype=np.int64)
         flat = np.fromiter((t for tokens in new_tokens for t in tokens), dtype=np.int64, count=int(counts.sum()))
@@ -46,11 +47,17 @@ class ModelRunner:
             bad = flat[(flat < 0) | (flat >= self.vocab_size)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         slots, copies = self.manager.append(seq_ids, counts)
-        self.kv_cache.copy_blocks(copies)
-        meta = build_metadata(self.manager, seq_ids, counts, slots, self.device)
-        input_ids = torch.from_numpy(flat).to(self.device)
-        with torch.inference_mode():
-            return self.model(input_ids, meta, self.backend, self.kv_cache.kv)
+        try:
+            self.kv_cache.copy_blocks(copies)
+            meta = build_metadata(self.manager, seq_ids, counts, slots, self.device)
+            input_ids = torch.from_numpy(flat).to(self.device)
+            with torch.inference_mode():
+                return self.model(input_ids, meta, self.backend, self.kv_cache.kv)
+        except BaseException:
+            # The sequences get their lengths back, so a retry (or the caller's clean-up) sees
+            # them as they were; slots the failed forward half-wrote lie past their ends.
+            self.manager.truncate(seq_ids, [self.manager.num_tokens(int(s)) - int(n) for s, n in zip(seq_ids, counts)])
+            raise
 
     @staticmethod
     def last_token_index(new_tokens) -> torch.Tensor:

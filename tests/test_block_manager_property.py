@@ -113,6 +113,15 @@ class BlockManagerPrograms(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
+    def truncate(self, data):
+        seq_ids = data.draw(st.lists(st.sampled_from(self.live()), unique=True, min_size=1))
+        keep = [data.draw(st.integers(0, len(self.tokens[s]))) for s in seq_ids]
+        self.both("truncate", seq_ids, keep)
+        for seq_id, n in zip(seq_ids, keep):
+            self.tokens[seq_id] = self.tokens[seq_id][:n]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
     def free(self, data):
         seq_id = data.draw(st.sampled_from(self.live()))
         self.both("free", seq_id)
@@ -123,9 +132,13 @@ class BlockManagerPrograms(RuleBasedStateMachine):
         """Freed ids, duplicates, out-of-range ancestors: both refuse, nothing changes."""
         gone = self.bm.seq_ids().max(initial=-1) + 1 + data.draw(st.integers(0, 3))
         live = self.live()
-        calls = [("free", gone), ("fork", gone), ("append", [gone], [1]), ("resample", live + [gone], [0])]
+        calls = [("free", gone), ("fork", gone), ("append", [gone], [1]), ("resample", live + [gone], [0]),
+                 ("truncate", [gone], [0])]
         if live:
-            calls += [("append", [live[0], live[0]], [1, 1]), ("resample", live, [len(live)])]
+            longer = len(self.tokens[live[0]]) + 1
+            calls += [("append", [live[0], live[0]], [1, 1]), ("resample", live, [len(live)]),
+                      ("truncate", [live[0]], [longer]), ("truncate", [live[0]], [-1]),
+                      ("truncate", [live[0], live[0]], [0, 0]), ("truncate", [live[0]], [0, 0])]
         method, *args = data.draw(st.sampled_from(calls))
         assert self.both(method, *args) is None
 

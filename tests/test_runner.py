@@ -176,6 +176,36 @@ def test_bad_tokens_and_full_cache_change_nothing(checkpoint):
     assert runner.manager.num_tokens(seq) == 3 and runner.manager.num_free_blocks == 2
 
 
+def test_a_failed_forward_gives_the_sequences_their_lengths_back(checkpoint, monkeypatch):
+    hf, folder = checkpoint
+    runner = runner_for(folder, num_blocks=16, block_size=4)
+    bm = runner.manager
+    prompt = list(range(1, 11))  # the third block is partly full and shared once forked
+    root = bm.allocate(0)
+    runner.forward([root], [prompt])
+    pair = [root, bm.fork(root)]
+    free_before = bm.num_free_blocks
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model = runner.model
+    monkeypatch.setattr(runner, "model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.forward(pair, [[3, 4, 5], [6, 7, 8]])
+    assert [bm.num_tokens(s) for s in pair] == [10, 10]
+    # The blocks the append took are back, but for the copy-on-write copy of the shared block.
+    assert bm.num_free_blocks == free_before - 1
+    refs = np.zeros(bm.num_blocks, dtype=np.int64)
+    for seq in pair:
+        np.add.at(refs, bm.block_table(seq), 1)
+    assert bm.ref_counts().tolist() == refs.tolist()
+    monkeypatch.setattr(runner, "model", model)
+    logits = runner.logits(runner.forward(pair, [[3, 4, 5], [6, 7, 8]]))
+    for row, new in zip(logits[runner.last_token_index([[3, 4, 5], [6, 7, 8]])], ([3, 4, 5], [6, 7, 8])):
+        torch.testing.assert_close(row, hf_logits(hf, prompt + new)[-1], atol=ATOL, rtol=1e-4)
+
+
 def test_sampling():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen)
