@@ -98,7 +98,8 @@ inline float aggregate(float prev, float r, int32_t steps) {
 
 // Rewards, aggregates and step counts of particles [begin, end); returns how many
 // live ones had unusable PRM output. Every particle's reward is computed (a
-// finished one's is then dropped): two loops that vectorize.
+// finished one's is then dropped) in a loop of its own, which vectorizes; the
+// bookkeeping loop after it mixes byte, int and float lanes and stays scalar.
 template <RewardKind K, Aggregation A>
 int32_t step_rewards(const ResampleInputs& in, const ResampleOutputs& out, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) out.rewards[i] = step_reward<K>(in.prm, i);
@@ -188,11 +189,11 @@ void draw(const ResampleInputs& in, int64_t start, int64_t n, const float* w, do
   auto uniform = [&](int64_t i) -> double {
     return in.uniforms ? in.uniforms[i] : philox_uniform(in.seed, (in.counter << 32) + static_cast<uint64_t>(i));
   };
-  int64_t first_random = 0;
-  const float nf = static_cast<float>(n);
   if (in.scheme == Scheme::kResidual) {
     // floor(n w) deterministic copies, in particle order, then multinomial draws
     // from the remainders n w - floor(n w).
+    const float nf = static_cast<float>(n);
+    int64_t first_random = 0;
     double total = 0.0;
     for (int64_t k = 0; k < n; ++k) {
       float nw = w[k] * nf;
