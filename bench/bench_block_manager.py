@@ -27,7 +27,7 @@ def systematic_ancestors(rng, num_problems, num_particles):
     cdf = np.cumsum(weights, axis=1)
     cdf[:, -1] = 1.0
     points = (rng.random((num_problems, 1)) + np.arange(num_particles)) / num_particles
-    local = np.stack([np.searchsorted(c, p, side="right") for c, p in zip(cdf, points)])
+    local = np.stack([np.searchsorted(c, p, side="right") for c, p in zip(cdf, points, strict=True)])
     return (local + np.arange(num_problems)[:, None] * num_particles).ravel()
 
 

@@ -63,13 +63,13 @@ def baseline_pf(backend, job: dict, n: int, steps: int) -> dict:
         seqs = [job["prompts"][p["problem"]] + p["ids"] for p in live]
         seeds = [job["seed"] * 1_000_003 + round_ * 4096 + i for i in range(len(live))]
         limits = [min(max_step, budget - len(p["ids"])) for p in live]
-        for p, (new, eos) in zip(live, backend.generate(seqs, seeds, limits)):
+        for p, (new, eos) in zip(live, backend.generate(seqs, seeds, limits), strict=True):
             p["ids"] += new
             p["steps"].append(new)
             text = backend.decode(new)
             p["done"] = eos or "\\boxed{" in text or len(p["ids"]) >= budget
         prm_seqs = [job["prm_prompts"][p["problem"]] + [t for s in p["steps"] for t in s + [job["tag"]]] for p in live]
-        for p, r in zip(live, backend.prm(prm_seqs)):
+        for p, r in zip(live, backend.prm(prm_seqs), strict=True):
             p["reward"] = r
         if round_ == steps - 1:
             break
@@ -120,20 +120,20 @@ class VllmBackend(_Counters):
                                       include_stop_str_in_output=True) for m in limits]
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
         results = []
-        for seq, out in zip(seqs, outs):
+        for seq, out in zip(seqs, outs, strict=True):
             new = list(out.outputs[0].token_ids)
             self.generated += len(new)
             self.resent += len(seq)
             eos = out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason is None
             results.append((new, eos))
-        self._note_kv([s + list(o.outputs[0].token_ids) for s, o in zip(seqs, outs)])
+        self._note_kv([s + list(o.outputs[0].token_ids) for s, o in zip(seqs, outs, strict=True)])
         return results
 
     def prm(self, seqs):
         params = self.SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[self.good, self.bad], logprobs=2)
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
         self.prm_read += sum(map(len, seqs))
-        self.prm_computed += sum(len(s) - (o.num_cached_tokens or 0) for s, o in zip(seqs, outs))
+        self.prm_computed += sum(len(s) - (o.num_cached_tokens or 0) for s, o in zip(seqs, outs, strict=True))
         self._note_kv(seqs)
         return [math.exp(o.outputs[0].logprobs[0][self.good].logprob) for o in outs]
 
@@ -177,7 +177,7 @@ class HfBackend(_Counters):
                                       tokenizer=self.tokenizer, pad_token_id=self.pad)
         self.peak_kv_bytes = max(self.peak_kv_bytes, out.numel() * self.kv_bytes_per_token)
         results = []
-        for seq, row, limit in zip(seqs, out[:, ids.shape[1]:].tolist(), limits):
+        for seq, row, limit in zip(seqs, out[:, ids.shape[1]:].tolist(), limits, strict=True):
             new, eos = [], False
             for t in row[:limit]:
                 new.append(t)
@@ -242,7 +242,8 @@ def make_job(args) -> tuple[dict, object]:
         "eos_ids": sorted(core.eos_ids), "max_step_tokens": args.max_step_tokens, "seed": args.seed,
         "kv_bytes_per_token": engine.policy.kv_cache.bytes_per_block // engine.block_size,
         "max_model_len": max(map(len, prompts)) + 2 * args.max_step_tokens * max(args.steps) + 64,
-        "configs": sorted({(n, args.fixed_steps) for n in args.particles} | {(args.fixed_particles, s) for s in args.steps}),
+        "configs": sorted({(n, args.fixed_steps) for n in args.particles}
+                          | {(args.fixed_particles, s) for s in args.steps}),
     }
     return job, engine
 
@@ -321,8 +322,8 @@ def plot(job, ours, others, path: Path, fixed_particles: int, fixed_steps: int) 
             continue
         by_n = sorted((r["particles"], r["seconds"] / len(job["prompts"])) for r in rows if r["steps"] == fixed_steps)
         by_s = sorted((r["steps"], r["prm_tokens"]) for r in rows if r["particles"] == fixed_particles)
-        left.plot(*zip(*by_n), marker="o", label=name)
-        right.plot(*zip(*by_s), marker="o", label=name)
+        left.plot(*zip(*by_n, strict=True), marker="o", label=name)
+        right.plot(*zip(*by_s, strict=True), marker="o", label=name)
     left.set(xscale="log", xlabel="particles N", ylabel="seconds per problem", title=f"time vs N ({fixed_steps} steps)")
     sizes = sorted({r["particles"] for r in ours if r["steps"] == fixed_steps})
     left.set_xticks(sizes, [str(n) for n in sizes])
@@ -338,7 +339,8 @@ def plot(job, ours, others, path: Path, fixed_particles: int, fixed_steps: int) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--policy", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--policy", default=None,
+                        help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--problems", type=int, default=2)
     parser.add_argument("--particles", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
@@ -359,8 +361,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     job, engine = make_job(args)
-    print(f"{len(job['prompts'])} problems, configs (N, steps): {job['configs']}, <= {args.max_step_tokens} tokens/step",
-          flush=True)
+    print(f"{len(job['prompts'])} problems, configs (N, steps): {job['configs']}, "
+          f"<= {args.max_step_tokens} tokens/step", flush=True)
     ours = run_pf_engine(engine, job)
     del engine
     out_dir = Path(args.out)
@@ -380,7 +382,8 @@ def main(argv=None) -> int:
     else:
         others["transformers"], notes["transformers"] = run_baseline(HfBackend(job), job), "ok"
 
-    machine = f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    machine = f"{os.cpu_count()} CPUs, {gpu}"
     report = "\n".join([
         f"# pf_engine vs vLLM vs transformers: particle filtering, {machine}",
         "",

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from pf_engine.kernels.resample import ResampleParams, fused_resample, fused_resample_cpu, fused_resample_reference
+from pf_engine.resample import ResampleParams, resample
+from pf_engine.resample_reference import fused_resample_reference
 
 
 def python_loop(seg, logits, aggregates, uniforms, temperature, clip):
@@ -88,8 +89,13 @@ def main():
     loop_ancestors, _ = python_loop(seg, logits_list, agg_list, uniforms_np, params.temperature, params.clip)
 
     inputs = (seg, logits, live, agg, steps, params)
-    ref = lambda: fused_resample_reference(*inputs, uniforms=uniforms)  # noqa: E731
-    native = lambda: fused_resample_cpu(*inputs, uniforms=uniforms)  # noqa: E731
+
+    def ref():
+        return fused_resample_reference(*inputs, uniforms=uniforms)
+
+    def native():
+        return resample(*inputs, uniforms=uniforms)  # the native pass on CPU tensors
+
     t_ref, t_native = timed(ref, args.repeats), timed(native, args.repeats)
     mismatched = {"reference": int((ref().ancestors.numpy() != loop_ancestors).sum()),
                   "native": int((native().ancestors.numpy() != loop_ancestors).sum())}
@@ -101,10 +107,12 @@ def main():
     print(f"{'torch reference (cpu)':<28}{t_ref * 1e6:>10.0f}us{t_loop / t_ref:>9.1f}x")
     print(f"{'native (cpu)':<28}{t_native * 1e6:>10.0f}us{t_loop / t_native:>9.1f}x")
     if args.device == "cuda":
-        dev = lambda t: t.to("cuda")  # noqa: E731
-        inputs = (seg, dev(logits), dev(live), dev(agg), dev(steps), params)
-        g_uniforms = dev(uniforms)
-        kernel = lambda: fused_resample(*inputs, uniforms=g_uniforms)  # noqa: E731
+        inputs = (seg, logits.cuda(), live.cuda(), agg.cuda(), steps.cuda(), params)
+        g_uniforms = uniforms.cuda()
+
+        def kernel():
+            return resample(*inputs, uniforms=g_uniforms)  # the Triton kernel on CUDA tensors
+
         t_kernel = timed(kernel, args.repeats, torch.cuda.synchronize)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -114,7 +122,8 @@ def main():
         torch.cuda.synchronize()
         mismatched["kernel"] = int((kernel().ancestors.cpu().numpy() != loop_ancestors).sum())
         print(f"{'triton kernel (gpu, call)':<28}{t_kernel * 1e6:>10.0f}us{t_loop / t_kernel:>9.1f}x")
-        print(f"{'triton kernel (gpu, events)':<28}{start.elapsed_time(end) * 10:>10.1f}us per call of 100 back to back")
+        per_call = start.elapsed_time(end) * 10  # ms for 100 calls -> us per call
+        print(f"{'triton kernel (gpu, events)':<28}{per_call:>10.1f}us per call of 100 back to back")
     # The loop weighs in float64, pf_engine in float32: a point within rounding of a cdf step may differ.
     print(f"ancestors differing from the loop's of {len(loop_ancestors)} (same uniforms): "
           + ", ".join(f"{name} {count}" for name, count in mismatched.items()))

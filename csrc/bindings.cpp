@@ -211,36 +211,57 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
                ", num_seqs=" + std::to_string(self.num_seqs()) + ")";
       });
 
-  // Raw addresses of contiguous CPU arrays, as kernels/resample.py's launcher passes them:
-  // the same arguments as the Triton kernel, so both paths share one Python front end.
+  // The step's modes, named as kernels/resample.py and pf_engine/resample.py name them.
+  py::enum_<pf_engine::RewardKind>(m, "RewardKind")
+      .value("class_logits", pf_engine::RewardKind::kClassLogits)
+      .value("token_logits", pf_engine::RewardKind::kTokenLogits)
+      .value("reward", pf_engine::RewardKind::kReward);
+  py::enum_<pf_engine::Aggregation>(m, "Aggregation")
+      .value("last", pf_engine::Aggregation::kLast)
+      .value("min", pf_engine::Aggregation::kMin)
+      .value("product", pf_engine::Aggregation::kProduct)
+      .value("mean", pf_engine::Aggregation::kMean);
+  py::enum_<pf_engine::Scheme>(m, "Scheme")
+      .value("systematic", pf_engine::Scheme::kSystematic)
+      .value("stratified", pf_engine::Scheme::kStratified)
+      .value("multinomial", pf_engine::Scheme::kMultinomial)
+      .value("residual", pf_engine::Scheme::kResidual);
+
+  // Raw addresses of contiguous CPU arrays, as pf_engine/resample.py passes them; every
+  // argument by keyword, so that no caller depends on their order.
   m.def(
       "fused_resample",
       [](std::uintptr_t seg, int64_t num_problems, std::uintptr_t prm, std::uintptr_t live, std::uintptr_t aggregates,
-         std::uintptr_t num_steps, std::uintptr_t uniforms, std::uintptr_t rewards, std::uintptr_t aggregates_out,
-         std::uintptr_t num_steps_out, std::uintptr_t weights, std::uintptr_t ess, std::uintptr_t resampled,
-         std::uintptr_t ancestors, std::uintptr_t next_aggregates, std::uintptr_t next_num_steps,
-         std::uintptr_t next_live, std::uintptr_t invalid, uint64_t seed, uint64_t counter, int reward,
-         int aggregation, int scheme, float inv_temperature, float clip, double ess_threshold) {
-        if (reward < 0 || reward > 2 || aggregation < 0 || aggregation > 3 || scheme < 0 || scheme > 3) {
-          throw py::value_error("fused_resample: reward, aggregation or scheme code out of range");
-        }
+         std::uintptr_t num_steps, std::uintptr_t uniforms, uint64_t seed, uint64_t counter,
+         pf_engine::RewardKind reward, pf_engine::Aggregation aggregation, pf_engine::Scheme scheme,
+         float inv_temperature, float clip, double ess_threshold, std::uintptr_t rewards_out,
+         std::uintptr_t aggregates_out, std::uintptr_t num_steps_out, std::uintptr_t weights_out,
+         std::uintptr_t ess_out, std::uintptr_t resampled_out, std::uintptr_t ancestors_out,
+         std::uintptr_t next_aggregates_out, std::uintptr_t next_num_steps_out, std::uintptr_t next_live_out,
+         std::uintptr_t invalid_out) {
         pf_engine::ResampleInputs in{
             reinterpret_cast<const int64_t*>(seg), num_problems, reinterpret_cast<const float*>(prm),
             reinterpret_cast<const uint8_t*>(live), reinterpret_cast<const float*>(aggregates),
             reinterpret_cast<const int32_t*>(num_steps), reinterpret_cast<const float*>(uniforms), seed, counter,
-            static_cast<pf_engine::RewardKind>(reward), static_cast<pf_engine::Aggregation>(aggregation),
-            static_cast<pf_engine::Scheme>(scheme), inv_temperature, clip, ess_threshold};
+            reward, aggregation, scheme, inv_temperature, clip, ess_threshold};
         pf_engine::ResampleOutputs out{
-            reinterpret_cast<float*>(rewards), reinterpret_cast<float*>(aggregates_out),
-            reinterpret_cast<int32_t*>(num_steps_out), reinterpret_cast<float*>(weights),
-            reinterpret_cast<float*>(ess), reinterpret_cast<uint8_t*>(resampled),
-            reinterpret_cast<int32_t*>(ancestors), reinterpret_cast<float*>(next_aggregates),
-            reinterpret_cast<int32_t*>(next_num_steps), reinterpret_cast<uint8_t*>(next_live),
-            reinterpret_cast<int32_t*>(invalid)};
+            reinterpret_cast<float*>(rewards_out), reinterpret_cast<float*>(aggregates_out),
+            reinterpret_cast<int32_t*>(num_steps_out), reinterpret_cast<float*>(weights_out),
+            reinterpret_cast<float*>(ess_out), reinterpret_cast<uint8_t*>(resampled_out),
+            reinterpret_cast<int32_t*>(ancestors_out), reinterpret_cast<float*>(next_aggregates_out),
+            reinterpret_cast<int32_t*>(next_num_steps_out), reinterpret_cast<uint8_t*>(next_live_out),
+            reinterpret_cast<int32_t*>(invalid_out)};
         py::gil_scoped_release release;
         return pf_engine::fused_resample(in, out);
       },
-      "One particle-filter step for all problems on the CPU (see kernels/resample.py); returns the number of "
+      py::kw_only(), py::arg("seg"), py::arg("num_problems"), py::arg("prm"), py::arg("live"), py::arg("aggregates"),
+      py::arg("num_steps"), py::arg("uniforms"), py::arg("seed"), py::arg("counter"), py::arg("reward"),
+      py::arg("aggregation"), py::arg("scheme"), py::arg("inv_temperature"), py::arg("clip"),
+      py::arg("ess_threshold"), py::arg("rewards_out"), py::arg("aggregates_out"), py::arg("num_steps_out"),
+      py::arg("weights_out"), py::arg("ess_out"), py::arg("resampled_out"), py::arg("ancestors_out"),
+      py::arg("next_aggregates_out"), py::arg("next_num_steps_out"), py::arg("next_live_out"),
+      py::arg("invalid_out"),
+      "One particle-filter step for all problems on the CPU (see pf_engine/resample.py); returns the number of "
       "live particles with unusable PRM output. uniforms may be 0: Philox draws.");
   m.def(
       "philox_uniforms",
@@ -248,6 +269,6 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
         py::gil_scoped_release release;
         pf_engine::philox_uniforms(seed, reinterpret_cast<const int64_t*>(offsets), n, reinterpret_cast<float*>(out));
       },
-      py::arg("seed"), py::arg("offsets"), py::arg("n"), py::arg("out"),
+      py::kw_only(), py::arg("seed"), py::arg("offsets"), py::arg("n"), py::arg("out"),
       "out[i] = Triton's tl.rand(seed, offsets[i]) for n int64 offsets; raw addresses of contiguous CPU arrays.");
 }

@@ -17,7 +17,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                                                 stream);
         if (code != 0) throw std::runtime_error(std::string("copy_blocks: ") + pf_engine::cuda::error_string(code));
       },
-      py::arg("kv"), py::arg("pairs"), py::arg("num_pairs"), py::arg("num_layers"), py::arg("layer_stride_bytes"),
+      py::kw_only(), py::arg("kv"), py::arg("pairs"), py::arg("num_pairs"), py::arg("num_layers"), py::arg("layer_stride_bytes"),
       py::arg("block_bytes"), py::arg("stream"),
       "kv[:, dst] = kv[:, src] for every (src, dst) int32 pair; pointers are device addresses.");
 }

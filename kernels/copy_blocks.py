@@ -1,4 +1,7 @@
-"""Copy-on-write block copies for every layer of a paged KV cache in one launch."""
+"""Copy-on-write block copies for every layer of a paged KV cache in one launch.
+
+Its plain-torch reference (the CPU path) is pf_engine.kv_cache.copy_blocks_reference.
+"""
 
 import torch
 import triton
@@ -27,7 +30,7 @@ def _copy_blocks_kernel(kv_ptr, pairs_ptr, layer_stride, block_numel, BLOCK: tl.
 
 
 def check_copy_args(kv: torch.Tensor, pairs: torch.Tensor) -> None:
-    """Shape, dtype and device checks shared by every copy_blocks implementation.
+    """The launcher's shape, dtype and device checks.
 
     kv: [num_layers, num_blocks, ...] contiguous; pairs: int32 [num_pairs, 2] on kv's device.
     """
@@ -56,10 +59,3 @@ def copy_blocks(kv: torch.Tensor, pairs: torch.Tensor, block: int = 1024) -> Non
     flat = kv.view(_SAME_WIDTH_INT[kv.element_size()]).view(num_layers, num_blocks, -1)
     grid = (pairs.shape[0], num_layers)
     _copy_blocks_kernel[grid](flat, pairs.contiguous(), flat.stride(0), flat.shape[2], BLOCK=block)
-
-
-def copy_blocks_reference(kv: torch.Tensor, pairs: torch.Tensor) -> None:
-    """Torch reference of :func:`copy_blocks` (and its CPU path)."""
-    check_copy_args(kv, pairs)
-    src, dst = pairs[:, 0].long(), pairs[:, 1].long()
-    kv[:, dst] = kv[:, src]

@@ -96,10 +96,11 @@ def paged_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Te
 def paged_decode_reference(q, kv_layer, block_tables, seq_lens, scale) -> torch.Tensor:
     """Torch reference of :func:`paged_decode`: gather pages, softmax in float32."""
     num_seqs, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = kv_layer.shape[2], kv_layer.shape[3]
+    num_kv_heads = kv_layer.shape[3]
+    group = num_q_heads // num_kv_heads
     pages = kv_layer[block_tables.long()].float()  # [num_seqs, max_blocks, 2, block_size, Hkv, D]
-    keys = pages[:, :, 0].reshape(num_seqs, -1, num_kv_heads, head_dim).repeat_interleave(num_q_heads // num_kv_heads, 2)
-    values = pages[:, :, 1].reshape(num_seqs, -1, num_kv_heads, head_dim).repeat_interleave(num_q_heads // num_kv_heads, 2)
+    keys = pages[:, :, 0].reshape(num_seqs, -1, num_kv_heads, head_dim).repeat_interleave(group, 2)
+    values = pages[:, :, 1].reshape(num_seqs, -1, num_kv_heads, head_dim).repeat_interleave(group, 2)
     scores = torch.einsum("shd,sthd->sht", q.float(), keys) * scale
     valid = torch.arange(keys.shape[1], device=q.device)[None, :] < seq_lens[:, None]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))

@@ -37,7 +37,7 @@ def equivalent(a: str, b: str) -> bool:
 def weighted_vote(answers: list[str | None], weights: list[float]) -> str | None:
     """The answer whose equivalence class holds the most weight; None when no particle answered."""
     classes: list[tuple[str, float]] = []
-    for answer, weight in zip(answers, weights):
+    for answer, weight in zip(answers, weights, strict=True):
         if answer is None:
             continue
         for i, (representative, total) in enumerate(classes):

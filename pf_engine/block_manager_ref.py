@@ -54,7 +54,7 @@ class PyBlockManager:
         seq_ids, num_new_tokens = self._check_batch(seq_ids, num_new_tokens)
         copied_away: dict[int, int] = {}
         needed = 0
-        for seq_id, n in zip(seq_ids, num_new_tokens):
+        for seq_id, n in zip(seq_ids, num_new_tokens, strict=True):
             if n == 0:
                 continue
             length, table = self._lengths[seq_id], self._tables[seq_id]
@@ -76,13 +76,12 @@ class PyBlockManager:
             indptr.append(len(indices))
             length = self._lengths[seq_id]
             last_page_len.append(0 if length == 0 else (length - 1) % self.block_size + 1)
-        as_i32 = lambda xs: np.array(xs, dtype=np.int32)  # noqa: E731
-        return as_i32(indptr), as_i32(indices), as_i32(last_page_len)
+        return tuple(np.array(xs, dtype=np.int32) for xs in (indptr, indices, last_page_len))
 
     def slot_mapping(self, seq_ids, num_new_tokens) -> np.ndarray:
         seq_ids, num_new_tokens = self._check_batch(seq_ids, num_new_tokens)
         slots = []
-        for seq_id, n in zip(seq_ids, num_new_tokens):
+        for seq_id, n in zip(seq_ids, num_new_tokens, strict=True):
             length = self._lengths[seq_id]
             if n > length:
                 raise ValueError(f"slot_mapping: sequence {seq_id} holds only {length} tokens, asked for {n}")
@@ -119,7 +118,7 @@ class PyBlockManager:
         if needed > len(self._free):
             raise OutOfBlocksError(f"append needs {needed} blocks, {len(self._free)} free")
         slots, copies = [], []
-        for seq_id, n in zip(seq_ids, num_new_tokens):
+        for seq_id, n in zip(seq_ids, num_new_tokens, strict=True):
             if n == 0:
                 continue
             table, length = self._tables[seq_id], self._lengths[seq_id]
@@ -140,10 +139,10 @@ class PyBlockManager:
         if len(seq_ids) != len(num_tokens):
             raise ValueError(f"seq_ids has {len(seq_ids)} entries but num_tokens has {len(num_tokens)}")
         self._check_unique_ids(seq_ids)
-        for seq_id, n in zip(seq_ids, num_tokens):
+        for seq_id, n in zip(seq_ids, num_tokens, strict=True):
             if not 0 <= n <= self._lengths[seq_id]:
                 raise ValueError(f"truncate: sequence {seq_id} has {self._lengths[seq_id]} tokens, cannot keep {n}")
-        for seq_id, n in zip(seq_ids, num_tokens):
+        for seq_id, n in zip(seq_ids, num_tokens, strict=True):
             table, keep = self._tables[seq_id], self._blocks_for(n)
             self._release(table[keep:])
             del table[keep:]

@@ -1,11 +1,8 @@
 """The step loop's parts: start problems, expand every live particle by one step,
 score the step, resample; the policy's and the PRM's KV caches fork together.
 
-Randomness is counter-based: the draw for a token is Philox(seed, key) with
-key = (problem, round, slot, token in step), so a particle's tokens do not
-depend on how problems were batched together::
-
-    bits  62..43 problem   42..23 round   22..12 slot   11..0 token in step
+Every draw is keyed by (problem, round, slot, token in step) as pf_engine.philox
+lays it out, so a particle's tokens do not depend on how problems were batched.
 """
 
 import functools
@@ -16,27 +13,11 @@ import numpy as np
 import torch
 
 from pf_engine.answers import boxed_answer
-from pf_engine.kernels.resample import ResampleOutput, fused_resample, fused_resample_cpu, philox_uniform
+from pf_engine.philox import RESAMPLE_TOKEN, philox_key, philox_uniform, search_uniforms
 from pf_engine.prm import ModelPRM, RulePRM
+from pf_engine.resample import ResampleOutput, resample
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
-
-# token fields of the key reserved for draws that are not tokens
-RESAMPLE_TOKEN = 4095  # resampling
-ANCESTOR_TOKEN = 4094  # particle Gibbs: the reference's ancestor
-REFERENCE_TOKEN = 4093  # particle Gibbs: the next reference
-
-
-def philox_key(problem, round_: int, slot, token) -> torch.Tensor:
-    """int64 Philox offsets for the bit layout in the module docstring (problem, slot, token: ints or int tensors)."""
-    problem, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in (problem, slot, token))
-    return (problem << 43) | (round_ << 23) | (slot << 12) | token
-
-
-def search_uniforms(seed: int, problem, round_: int, slot, token: int) -> torch.Tensor:
-    """Uniforms of the draws that are not tokens (resampling, particle Gibbs), from a stream of their
-    own: Philox(seed ^ 0x5DEECE66D) at the key of the reserved ``token`` field."""
-    return philox_uniform(seed ^ 0x5DEECE66D, philox_key(problem, round_, slot, token))
 
 
 @dataclass
@@ -129,7 +110,7 @@ class ParticleEngine:
             self.prm_runner.forward(prm_roots, prm_prompts)
             self.stats["prm_tokens"] += sum(map(len, prm_prompts))
         particles = []
-        for b, (root, prm_root) in enumerate(zip(roots, prm_roots)):
+        for b, (root, prm_root) in enumerate(zip(roots, prm_roots, strict=True)):
             for slot in range(num_particles):
                 seq = root if slot == 0 else self.policy.manager.fork(root)
                 prm_seq = prm_root if slot == 0 or prm_root is None else self.prm_runner.manager.fork(prm_root)
@@ -139,8 +120,8 @@ class ParticleEngine:
 
     # -- expand ----------------------------------------------------------------
     @_timed("expand")
-    def expand(self, particles: list[Particle], keys: list[int], round_: int, sampling: SamplingParams,
-               seed: int, delimiter: str, max_step_tokens: int, max_new_tokens: int, stop_at_boxed: bool) -> list[Particle]:
+    def expand(self, particles: list[Particle], keys: list[int], round_: int, sampling: SamplingParams, seed: int,
+               delimiter: str, max_step_tokens: int, max_new_tokens: int, stop_at_boxed: bool) -> list[Particle]:
         """Decode one step for every unfinished particle; returns those that wrote a step.
 
         A particle with ``forced`` tokens replays them as its step (particle Gibbs'
@@ -157,7 +138,7 @@ class ParticleEngine:
                                  [len(p.step_tokens) for p in writing])
             tokens = sample(logits, sampling, uniforms=philox_uniform(seed, offsets)).tolist()
             feed, still = [], []
-            for p, token in zip(writing, tokens):
+            for p, token in zip(writing, tokens, strict=True):
                 if p.forced is not None:
                     token = p.forced[len(p.step_tokens)]
                 p.step_tokens.append(token)
@@ -185,7 +166,7 @@ class ParticleEngine:
             self.stats["tokens_generated"] += len(writing)
             if feed:
                 hidden = self.policy.forward([p.seq_id for p in feed], [[p.step_tokens[-1]] for p in feed])
-                for p, row in zip(feed, self.policy.logits(hidden)):
+                for p, row in zip(feed, self.policy.logits(hidden), strict=True):
                     p.logits = row
                 self._note_blocks()
             writing = still
@@ -197,7 +178,8 @@ class ParticleEngine:
 
     # -- score -----------------------------------------------------------------
     @_timed("score")
-    def score(self, questions: list[str], particles: list[Particle], scored: list[Particle]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def score(self, questions: list[str], particles: list[Particle],
+              scored: list[Particle]) -> tuple[torch.Tensor, torch.Tensor, str]:
         """PRM output of the newest step of each particle in ``scored``.
 
         Returns (prm_output for every particle, live mask, reward kind); rows of
@@ -247,7 +229,7 @@ class ParticleEngine:
             self.stats["ancestor_tokens"] += sum(map(len, tokens))
             self._note_blocks()
             start = 0
-            for i, (c, ids) in enumerate(zip(candidates, tokens)):
+            for i, (c, ids) in enumerate(zip(candidates, tokens, strict=True)):
                 rows = hidden[start:start + len(ids) - 1]  # the last token predicts nothing we need
                 start += len(ids)
                 logits = torch.cat([c.logits[None], self.policy.logits(rows)])
@@ -262,7 +244,7 @@ class ParticleEngine:
         depth = max(map(len, future_texts))
         if isinstance(self.prm, RulePRM):
             return [torch.tensor([float(self.prm.fn(questions[c.problem], c.steps + texts[:k + 1]))
-                                  for c, texts in zip(candidates, future_texts) if len(texts) > k],
+                                  for c, texts in zip(candidates, future_texts, strict=True) if len(texts) > k],
                                  dtype=torch.float32) for k in range(depth)]
         forks = [self.prm_runner.manager.fork(c.prm_seq_id) for c in candidates]
         try:
@@ -288,9 +270,8 @@ class ParticleEngine:
         problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
         uniforms = search_uniforms(seed, problems, round_, slots, RESAMPLE_TOKEN)
         device = self.policy.device
-        fused = fused_resample if device.type == "cuda" else fused_resample_cpu
-        return fused(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
-                     params, uniforms=uniforms.to(device))
+        return resample(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
+                        params, uniforms=uniforms.to(device))
 
     @_timed("resample")
     def follow(self, particles: list[Particle], ancestors, num_particles: int) -> list[Particle]:
@@ -301,7 +282,7 @@ class ParticleEngine:
         if self.prm_runner is not None:
             new_prm_ids = self.prm_runner.manager.resample([p.prm_seq_id for p in particles], ancestors).tolist()
         children = []
-        for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids)):
+        for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids, strict=True)):
             parent = particles[a]
             children.append(Particle(parent.problem, j % num_particles, seq, prm_seq, parent.logits,
                                      list(parent.steps), list(parent.step_ids), [], parent.num_tokens, parent.node,

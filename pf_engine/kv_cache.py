@@ -15,6 +15,13 @@ def write_kv(kv_layer: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor
     kv_layer[blocks, 1, offsets] = v.to(kv_layer.dtype)
 
 
+def copy_blocks_reference(kv: torch.Tensor, pairs: torch.Tensor) -> None:
+    """kv[:, dst] = kv[:, src] for every (src, dst) row of int [num_pairs, 2] ``pairs``, in plain
+    torch: the CPU path, and the oracle of the Triton and CUDA copies."""
+    src, dst = pairs[:, 0].long(), pairs[:, 1].long()
+    kv[:, dst] = kv[:, src]
+
+
 class KVCache:
     """K/V tensors of all layers in ``num_blocks`` blocks of ``block_size`` tokens.
 
@@ -100,19 +107,17 @@ class KVCache:
         pairs_t = torch.from_numpy(np.ascontiguousarray(pairs, dtype=np.int32)).to(self.device, non_blocking=True)
         if _native.uses_cuda_ext(self.device):
             _native._C_cuda.copy_blocks(
-                self.kv.data_ptr(),
-                pairs_t.data_ptr(),
-                pairs_t.shape[0],
-                self.kv.shape[0],
-                self.kv.stride(0) * self.kv.element_size(),
-                self.bytes_per_block // self.kv.shape[0],
-                torch.cuda.current_stream(self.device).cuda_stream,
+                kv=self.kv.data_ptr(),
+                pairs=pairs_t.data_ptr(),
+                num_pairs=pairs_t.shape[0],
+                num_layers=self.kv.shape[0],
+                layer_stride_bytes=self.kv.stride(0) * self.kv.element_size(),
+                block_bytes=self.bytes_per_block // self.kv.shape[0],
+                stream=torch.cuda.current_stream(self.device).cuda_stream,
             )
         elif self.device.type == "cuda":
             from pf_engine.kernels.copy_blocks import copy_blocks
 
             copy_blocks(self.kv, pairs_t)
         else:
-            from pf_engine.kernels.copy_blocks import copy_blocks_reference
-
             copy_blocks_reference(self.kv, pairs_t)

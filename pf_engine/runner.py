@@ -56,7 +56,8 @@ class ModelRunner:
         except BaseException:
             # The sequences get their lengths back, so a retry (or the caller's clean-up) sees
             # them as they were; slots the failed forward half-wrote lie past their ends.
-            self.manager.truncate(seq_ids, [self.manager.num_tokens(int(s)) - int(n) for s, n in zip(seq_ids, counts)])
+            before = [self.manager.num_tokens(int(s)) - int(n) for s, n in zip(seq_ids, counts, strict=True)]
+            self.manager.truncate(seq_ids, before)
             raise
 
     @staticmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tiny import save_tiny_policy
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_pf_vs_vllm.py"
@@ -47,7 +48,7 @@ def test_runs_pf_engine_and_transformers_and_says_why_vllm_did_not(bench, policy
             assert r["tokens_generated"] <= 2 * r["particles"] * r["steps"] * 6
     assert results["vllm"] is None
     # the baseline re-reads whole partial answers, pf_engine only new steps: more PRM tokens, more so with steps
-    for ours, theirs in zip(results["pf_engine"], results["transformers"]):
+    for ours, theirs in zip(results["pf_engine"], results["transformers"], strict=True):
         assert theirs["prm_tokens"] > ours["prm_tokens"]
         assert ours["prompt_tokens_resent"] == 0 < theirs["prompt_tokens_resent"]
     assert report.count("| pf_engine |") == 3 and report.count("| transformers |") == 3

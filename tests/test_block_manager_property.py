@@ -57,7 +57,7 @@ class BlockManagerPrograms(RuleBasedStateMachine):
         self.next_value += sum(counts)
         self.cache.write(0, slots, values.view(-1, 1, 1), -values.view(-1, 1, 1))
         start = 0
-        for seq_id, n in zip(seq_ids, counts):
+        for seq_id, n in zip(seq_ids, counts, strict=True):
             self.tokens[seq_id] = self.tokens[seq_id] + values[start : start + n].tolist()
             start += n
 
@@ -107,7 +107,7 @@ class BlockManagerPrograms(RuleBasedStateMachine):
         native, ref = self.both("resample", gen, ancestors)
         assert native.tolist() == ref.tolist()
         new_tokens = {s: t for s, t in self.tokens.items() if s not in gen}
-        for child, a in zip(native.tolist(), ancestors):
+        for child, a in zip(native.tolist(), ancestors, strict=True):
             new_tokens[child] = list(self.tokens[gen[a]])
         self.tokens = new_tokens
 
@@ -117,7 +117,7 @@ class BlockManagerPrograms(RuleBasedStateMachine):
         seq_ids = data.draw(st.lists(st.sampled_from(self.live()), unique=True, min_size=1))
         keep = [data.draw(st.integers(0, len(self.tokens[s]))) for s in seq_ids]
         self.both("truncate", seq_ids, keep)
-        for seq_id, n in zip(seq_ids, keep):
+        for seq_id, n in zip(seq_ids, keep, strict=True):
             self.tokens[seq_id] = self.tokens[seq_id][:n]
 
     @precondition(lambda self: self.tokens)
@@ -204,13 +204,13 @@ def test_long_particle_filter_run_reads_back(block_size):
         values = torch.arange(len(slots), dtype=torch.float32) + 10 * step + 2
         cache.write(0, slots, values.view(-1, 1, 1), values.view(-1, 1, 1))
         start = 0
-        for s, n in zip(particles, counts):
+        for s, n in zip(particles, counts, strict=True):
             tokens[s] = tokens[s] + values[start : start + n].tolist()
             start += n
         ancestors = np.sort(rng.integers(0, len(particles), size=len(particles)))
         new = bm.resample(particles, ancestors)
         assert new.tolist() == ref.resample(particles, ancestors).tolist()
-        tokens = {c: list(tokens[particles[a]]) for c, a in zip(new.tolist(), ancestors)}
+        tokens = {c: list(tokens[particles[a]]) for c, a in zip(new.tolist(), ancestors, strict=True)}
         particles = new.tolist()
         if step % 40 == 39:  # trajectories end, a new round starts from the survivors
             for s in particles:

@@ -1,11 +1,12 @@
-"""kernels/copy_blocks.py against its torch reference, and KVCache.copy_blocks."""
+"""kernels/copy_blocks.py against its torch reference (pf_engine.kv_cache), and KVCache.copy_blocks."""
 
 import numpy as np
 import pytest
 import torch
 
 from pf_engine import KVCache
-from pf_engine.kernels.copy_blocks import copy_blocks, copy_blocks_reference
+from pf_engine.kernels.copy_blocks import copy_blocks
+from pf_engine.kv_cache import copy_blocks_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -17,11 +17,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from tiny import save_tiny_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pf_engine import Engine, SearchConfig
-from pf_engine.kernels.resample import philox_uniform_reference
+from pf_engine.philox import philox_uniform_reference
+from tiny import save_tiny_policy
 
 CONFIG = SearchConfig(num_particles=5, max_steps=4, max_step_tokens=5, max_new_tokens=14, temperature=0.9,
                       stop_at_boxed=False, step_delimiter="e", weight_temperature=0.7, seed=11)
@@ -160,7 +160,7 @@ def test_engine_equals_reference(policy, config):
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy)
     resampled = False
-    for problem, (question, result) in enumerate(zip(QUESTIONS, results)):
+    for problem, (question, result) in enumerate(zip(QUESTIONS, results, strict=True)):
         texts, weights = reference_search(model, tokenizer, question, problem, config)
         assert result.particles == texts
         np.testing.assert_allclose(result.weights, weights, rtol=1e-5, atol=1e-7)
@@ -172,6 +172,6 @@ def test_engine_equals_reference(policy, config):
     replayed = [n for n in tree if n.reference]
     assert bool(replayed) == (config.algorithm == "particle_gibbs")
     assert all(n.iteration > 0 for n in replayed)
-    spliced = [n for r, ids in zip(results, by_id) for n in r.tree if n.reference and n.parent >= 0
+    spliced = [n for r, ids in zip(results, by_id, strict=True) for n in r.tree if n.reference and n.parent >= 0
                and not ids[n.parent].reference]
     assert bool(spliced) == config.ancestor_sampling, "ancestor sampling never moved the reference"

@@ -1,4 +1,4 @@
-"""kernels/resample.py: the fused kernel and the native CPU step against the torch
+"""pf_engine.resample: the Triton kernel and the native CPU step against the torch
 reference, the math by hand, the statistics of every scheme, and the errors.
 
 The Triton interpreter costs ~25 ms per program (one per problem): kernel runs
@@ -6,6 +6,7 @@ keep problems few; many-draw statistics also run on the native step and the
 reference.
 """
 
+import functools
 import itertools
 import math
 
@@ -13,19 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from pf_engine.kernels.resample import (
-    AGGREGATIONS,
-    REWARD_KINDS,
-    SCHEMES,
-    ResampleOutput,
-    ResampleParams,
-    fused_resample,
-    fused_resample_cpu,
-    fused_resample_reference,
-    philox_uniform,
-    philox_uniform_reference,
-    reference_ancestors,
-)
+from pf_engine.philox import philox_uniform, philox_uniform_reference
+from pf_engine.resample import AGGREGATIONS, REWARD_KINDS, SCHEMES, ResampleOutput, ResampleParams, resample
+from pf_engine.resample_reference import fused_resample_reference, reference_ancestors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PARTICLE_COUNTS = [1, 7, 64, 1000]  # one problem of each size, in one launch
@@ -33,12 +24,16 @@ PROBLEM_COUNTS = [1, 3, 9]
 
 
 def native(*args, **kwargs):
-    """fused_resample_cpu on the test's inputs, wherever they live; outputs on DEVICE."""
-    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731
-    out = fused_resample_cpu(*map(cpu, args), **{k: cpu(v) for k, v in kwargs.items()})
+    """The native CPU step on the test's inputs, wherever they live; outputs on DEVICE."""
+
+    def cpu(x):
+        return x.cpu() if isinstance(x, torch.Tensor) else x
+
+    out = resample(*map(cpu, args), **{k: cpu(v) for k, v in kwargs.items()}, impl="native")
     return ResampleOutput(*(t.to(DEVICE) for t in out))
 
 
+fused_resample = functools.partial(resample, impl="triton")  # the Triton kernel, under the interpreter on a CPU
 FUSED = [fused_resample, native]  # held to the reference
 IMPLS = FUSED + [fused_resample_reference]
 
@@ -81,7 +76,8 @@ def test_fused_equals_reference_every_scheme_and_aggregation(impl, scheme, aggre
     inputs = make_inputs(PARTICLE_COUNTS, seed=SCHEMES.index(scheme))
     params = ResampleParams(aggregation=aggregation, scheme=scheme, temperature=0.7)
     draws = dict(seed=11, counter=3)
-    assert_same(impl(*inputs, params, **draws), fused_resample_reference(*inputs, params, **draws), inputs, params, **draws)
+    expected = fused_resample_reference(*inputs, params, **draws)
+    assert_same(impl(*inputs, params, **draws), expected, inputs, params, **draws)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -91,7 +87,8 @@ def test_fused_equals_reference_every_reward_kind(impl, reward, num_problems):
     counts = np.random.default_rng(num_problems).integers(1, 40, size=num_problems)
     inputs = make_inputs(counts, reward=reward, seed=num_problems)
     params = ResampleParams(reward=reward, aggregation="product", scheme="residual")
-    assert_same(impl(*inputs, params, seed=5), fused_resample_reference(*inputs, params, seed=5), inputs, params, seed=5)
+    expected = fused_resample_reference(*inputs, params, seed=5)
+    assert_same(impl(*inputs, params, seed=5), expected, inputs, params, seed=5)
 
 
 # Many configurations at once, where it is cheap: the native step on every
@@ -104,8 +101,8 @@ def test_native_equals_reference_every_setting(temperature, clip, ess_threshold,
         params = ResampleParams(reward=reward, aggregation=aggregation, scheme=scheme, temperature=temperature,
                                 clip=clip, ess_threshold=ess_threshold)
         draws = dict(seed=3, counter=SCHEMES.index(scheme))
-        assert_same(native(*inputs, params, **draws), fused_resample_reference(*inputs, params, **draws), inputs, params,
-                    **draws)
+        expected = fused_resample_reference(*inputs, params, **draws)
+        assert_same(native(*inputs, params, **draws), expected, inputs, params, **draws)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -169,13 +166,15 @@ def test_hand_worked_example_of_four_particles():
         assert out.resampled.tolist() == [True]
         torch.testing.assert_close(out.aggregates, rewards)
         assert out.next_aggregates.tolist() == pytest.approx([0.9, 0.9, 0.9, 0.5])
-        res = impl([0, 4], rewards, live, zeros, steps, ResampleParams(reward="reward", scheme="residual"), uniforms=uniforms)
+        residual = ResampleParams(reward="reward", scheme="residual")
+        res = impl([0, 4], rewards, live, zeros, steps, residual, uniforms=uniforms)
         assert res.ancestors.tolist() == [0, 0, 0, 1]
         # The same particles scored by a class head: logits [bad, good] with good - bad = logit(r).
         logits = torch.stack([torch.zeros(4, device=DEVICE), torch.log(rewards / (1 - rewards))], dim=1)
         head = impl([0, 4], logits, live, zeros, steps, ResampleParams(), uniforms=uniforms)
         torch.testing.assert_close(head.weights, expected_w)
-        pair = impl([0, 4], logits.flip(1), live, zeros, steps, ResampleParams(reward="token_logits"), uniforms=uniforms)
+        token_pair = ResampleParams(reward="token_logits")
+        pair = impl([0, 4], logits.flip(1), live, zeros, steps, token_pair, uniforms=uniforms)
         torch.testing.assert_close(pair.weights, expected_w)
 
 
@@ -242,11 +241,17 @@ def test_all_zero_weights_fall_back_to_uniform(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_problems_are_skipped(impl):
     seg, prm, live, agg, steps = make_inputs([0, 3, 0, 2, 0])
-    out = impl(seg, prm, live, agg, steps, ResampleParams(), seed=4)
+    params = ResampleParams()
+    out = impl(seg, prm, live, agg, steps, params, seed=4)
     assert out.ess[[0, 2, 4]].tolist() == [0, 0, 0]
     assert out.resampled.tolist() == [True] * 5  # no threshold: every problem resamples
     assert out.ancestors[:3].max() < 3 and out.ancestors[3:].min() >= 3
-    assert out.weights.shape == (5,)
+    # the particles of the problems around the empty ones are weighed as if those were absent
+    alone = [fused_resample_reference([0, n], prm[a:a + n], live[a:a + n], agg[a:a + n], steps[a:a + n], params)
+             for a, n in ((0, 3), (3, 2))]
+    torch.testing.assert_close(out.weights, torch.cat([r.weights for r in alone]), rtol=1e-5, atol=1e-6)
+    assert_same(out, fused_resample_reference(seg, prm, live, agg, steps, params, seed=4), (seg, prm, live, agg, steps),
+                params, seed=4)
 
 
 # -- statistics --------------------------------------------------------------
@@ -328,7 +333,8 @@ def test_non_finite_prm_output_is_reported(impl, bad_value):
     seg, prm, live, agg, steps = make_inputs([4, 4], finished=0.0)
     prm[5, 1] = bad_value
     before = prm.clone()
-    with pytest.raises(ValueError, match=r"NaN or inf logits for 1 live particles of problems \[1\]; first at particle 5"):
+    message = r"NaN or inf logits for 1 live particles of problems \[1\]; first at particle 5"
+    with pytest.raises(ValueError, match=message):
         impl(seg, prm, live, agg, steps, ResampleParams())
     torch.testing.assert_close(prm, before, rtol=0, atol=0, equal_nan=True)
     live[5] = False  # a finished particle's output is never read
@@ -360,12 +366,12 @@ def test_native_sigmoid_is_within_two_ulp_over_the_float_range():
     seg = np.arange(9) * 4096
     live = torch.ones(len(d), dtype=torch.bool)
     zeros, steps = torch.zeros(len(d)), torch.zeros(len(d), dtype=torch.int32)
-    out = fused_resample_cpu(seg, torch.stack([torch.zeros_like(d), d], dim=1), live, zeros, steps, ResampleParams())
+    out = resample(seg, torch.stack([torch.zeros_like(d), d], dim=1), live, zeros, steps, ResampleParams())
     exact = torch.sigmoid(d.double())
     relative = ((out.rewards.double() - exact).abs() / exact).max().item()
     assert relative <= 2 * torch.finfo(torch.float32).eps, f"{relative / torch.finfo(torch.float32).eps:.2f} ulp"
     far = torch.tensor([[0.0, -1e30], [0.0, -100.0], [0.0, 100.0], [0.0, 1e30]])
-    out = fused_resample_cpu([0, 4], far, live[:4], zeros[:4], steps[:4], ResampleParams())
+    out = resample([0, 4], far, live[:4], zeros[:4], steps[:4], ResampleParams())
     assert out.rewards.tolist() == [0.0, torch.sigmoid(torch.tensor(-100.0)).item(), 1.0, 1.0]
 
 
@@ -410,3 +416,27 @@ def test_malformed_inputs_are_refused(impl):
     ):
         with pytest.raises(ValueError, match=message):
             impl(*args, params)
+
+
+def test_resample_dispatches_by_device(monkeypatch):
+    import pf_engine.kernels.resample as kernel
+    import pf_engine.resample as op
+
+    calls = []
+    for module, name in ((op, "_native_step"), (kernel, "fused_resample")):
+        original = getattr(module, name)
+
+        def record(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, record)
+    inputs = make_inputs([5, 9], seed=3)
+    params = ResampleParams(scheme="residual")
+    resample(*inputs, params, seed=2)
+    assert calls == ["fused_resample" if DEVICE == "cuda" else "_native_step"]
+    cpu_inputs = [x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs]
+    resample(*cpu_inputs, params, seed=2, impl="triton")
+    assert calls[-1] == "fused_resample"
+    with pytest.raises(ValueError, match="unknown impl 'numpy'; choose one of auto, triton, native"):
+        resample(*inputs, params, impl="numpy")

@@ -80,7 +80,7 @@ def test_mixed_batch_of_prefills_and_decodes(checkpoint):
     logits = runner.logits(hidden)
     assert logits.shape == (1 + 3 + 2, VOCAB)
     start = 0
-    for history, tokens in zip(histories[:2] + [[]], new):
+    for history, tokens in zip(histories[:2] + [[]], new, strict=True):
         expected = hf_logits(hf, history + tokens)[-len(tokens):]
         torch.testing.assert_close(logits[start:start + len(tokens)], expected, atol=ATOL, rtol=1e-4)
         start += len(tokens)
@@ -103,7 +103,7 @@ def test_forked_particles_share_the_prompt_and_match_after_resampling(checkpoint
         for _ in range(steps):
             new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))] for _ in particles]
             logits = runner.logits(runner.forward(particles, new))
-            for p, t, row in zip(particles, new, logits):
+            for p, t, row in zip(particles, new, logits, strict=True):
                 tokens[p] += t
                 torch.testing.assert_close(row, hf_logits(hf, tokens[p])[-1], atol=ATOL, rtol=1e-4)
 
@@ -111,7 +111,7 @@ def test_forked_particles_share_the_prompt_and_match_after_resampling(checkpoint
     ancestors = np.array([0, 0, 0, 3, 3, 5, 6, 6])
     parents = [particles[a] for a in ancestors]
     particles = bm.resample(particles, ancestors).tolist()
-    tokens = {child: list(tokens[parent]) for child, parent in zip(particles, parents)}
+    tokens = {child: list(tokens[parent]) for child, parent in zip(particles, parents, strict=True)}
     decode(4)  # the first token after resampling copies the shared, partly filled last blocks
     # every block is referenced by the particles that share it, no more
     refs = np.zeros(bm.num_blocks, dtype=np.int64)
@@ -135,7 +135,8 @@ def test_missing_weight_names_file_and_tensor(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"weight model\.layers\.1\.mlp\.up_proj\.weight not found in .*model\.safetensors"):
+    missing = r"weight model\.layers\.1\.mlp\.up_proj\.weight not found in .*model\.safetensors"
+    with pytest.raises(ValueError, match=missing):
         load_model(tmp_path)
 
 
@@ -144,7 +145,8 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 80
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape"):
+    wrong_shape = r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape"
+    with pytest.raises(ValueError, match=wrong_shape):
         load_model(tmp_path)
 
 
@@ -202,7 +204,7 @@ def test_a_failed_forward_gives_the_sequences_their_lengths_back(checkpoint, mon
     assert bm.ref_counts().tolist() == refs.tolist()
     monkeypatch.setattr(runner, "model", model)
     logits = runner.logits(runner.forward(pair, [[3, 4, 5], [6, 7, 8]]))
-    for row, new in zip(logits[runner.last_token_index([[3, 4, 5], [6, 7, 8]])], ([3, 4, 5], [6, 7, 8])):
+    for row, new in zip(logits[runner.last_token_index([[3, 4, 5], [6, 7, 8]])], ([3, 4, 5], [6, 7, 8]), strict=True):
         torch.testing.assert_close(row, hf_logits(hf, prompt + new)[-1], atol=ATOL, rtol=1e-4)
 
 
@@ -217,7 +219,7 @@ def test_sampling():
     assert a.tolist() == b.tolist()
     top3 = logits.topk(3, dim=-1).indices
     draws = torch.stack([sample(logits, SamplingParams(top_k=3, temperature=2.0), gen) for _ in range(200)], 1)
-    assert all(set(d.tolist()) <= set(t.tolist()) for d, t in zip(draws, top3))
+    assert all(set(d.tolist()) <= set(t.tolist()) for d, t in zip(draws, top3, strict=True))
     # top_p keeps the smallest prefix of the sorted distribution that holds p of the mass
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     draws = torch.stack([sample(probs.log(), SamplingParams(top_p=0.7), gen) for _ in range(300)])
@@ -240,7 +242,7 @@ def test_triton_backend_agrees_with_torch(checkpoint):
         particles.append([root] + [runner.manager.fork(root) for _ in range(3)])
     for _ in range(4):
         new = [[int(torch.randint(0, VOCAB, (1,), generator=gen))] for _ in range(4)]
-        torch_logits, triton_logits = (r.logits(r.forward(p, new)) for r, p in zip(runners, particles))
+        torch_logits, triton_logits = (r.logits(r.forward(p, new)) for r, p in zip(runners, particles, strict=True))
         torch.testing.assert_close(triton_logits, torch_logits, atol=ATOL, rtol=1e-4)
 
 
@@ -297,7 +299,10 @@ def test_mistral_without_sliding_window_runs_as_llama(tmp_path):
 def test_inverse_cdf_sampling_follows_its_uniforms():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25]])
     logits = probs.log()
-    pick = lambda u: sample(logits, SamplingParams(), uniforms=torch.tensor(u)).tolist()  # noqa: E731
+
+    def pick(u):
+        return sample(logits, SamplingParams(), uniforms=torch.tensor(u)).tolist()
+
     assert pick([0.05, 0.0]) == [0, 0]
     assert pick([0.1, 0.26]) == [2, 1]  # token 1 has no mass and is skipped
     assert pick([0.69, 0.99]) == [2, 3]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pf_engine.kernels.resample import AGGREGATIONS, REWARD_KINDS, SCHEMES
+from pf_engine.resample import AGGREGATIONS, REWARD_KINDS, SCHEMES
 
 ARCHS = [80, 90]
 
@@ -52,7 +52,7 @@ def compile_all():
 
     from pf_engine.kernels.copy_blocks import _copy_blocks_kernel
     from pf_engine.kernels.paged_attention import _paged_decode_kernel
-    from pf_engine.kernels.resample import _fused_resample_kernel
+    from pf_engine.kernels.resample import AGGREGATION_CODES, REWARD_CODES, SCHEME_CODES, _fused_resample_kernel
 
     def compile_ptx(kernel, types, constexprs, arch):
         signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
@@ -66,16 +66,19 @@ def compile_all():
         jobs.append((variant_id("copy", arch, word), _copy_blocks_kernel, types, {"BLOCK": 1024}, arch))
     for arch, scheme, reward, aggregation, use_uniforms in RESAMPLE_VARIANTS:
         constexprs = {
-            "REWARD_KIND": REWARD_KINDS.index(reward),
-            "AGGREGATION": AGGREGATIONS.index(aggregation),
-            "SCHEME": SCHEMES.index(scheme),
+            "REWARD_KIND": REWARD_CODES[reward].value,
+            "AGGREGATION": AGGREGATION_CODES[aggregation].value,
+            "SCHEME": SCHEME_CODES[scheme].value,
             "USE_UNIFORMS": use_uniforms,
             "BLOCK": 1024,
             "LOG2_BLOCK": 10,
         }
         key = variant_id("resample", arch, scheme, reward, aggregation, use_uniforms)
         jobs.append((key, _fused_resample_kernel, RESAMPLE_TYPES, constexprs, arch))
-    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+
+    def pow2(x):
+        return 1 << (x - 1).bit_length()
+
     for arch, dtype, group, head_dim, block_size in DECODE_VARIANTS:
         types = {"q_ptr": f"*{dtype}", "kv_ptr": f"*{dtype}", "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                  "out_ptr": f"*{dtype}", "scale": "fp32",
@@ -89,7 +92,7 @@ def compile_all():
     for key, kernel, types, constexprs, arch in jobs:
         try:
             report[key] = compile_ptx(kernel, types, constexprs, arch)
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except Exception as exc:  # reported to the test, which names the variant
             report[key] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(report))
 

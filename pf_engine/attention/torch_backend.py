@@ -18,7 +18,8 @@ class TorchPlan:
         q_lens = (meta.query_start[1:] - meta.query_start[:-1]).long()
         lane = torch.arange(max_q, device=device)
         self.query_mask = lane[None, :] < q_lens[:, None]  # [num_seqs, max_q]
-        self.query_index = (meta.query_start[:-1, None].long() + lane[None, :]).clamp(max=max(meta.positions.shape[0] - 1, 0))
+        last_row = max(meta.positions.shape[0] - 1, 0)
+        self.query_index = (meta.query_start[:-1, None].long() + lane[None, :]).clamp(max=last_row)
         num_keys = meta.block_tables.shape[1] * meta.block_size
         key_pos = torch.arange(num_keys, device=device)
         query_pos = meta.seq_lens[:, None].long() - q_lens[:, None] + lane[None, :]  # [num_seqs, max_q]

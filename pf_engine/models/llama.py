@@ -134,7 +134,7 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, x.dtype)
         plan = backend.plan(meta, self.head_dim**-0.5, self.num_heads, self.num_kv_heads, self.head_dim, x.dtype)
-        for layer, kv_layer in zip(self.layers, kv):
+        for layer, kv_layer in zip(self.layers, kv, strict=True):
             x = layer(x, cos, sin, plan, kv_layer)
         return self.norm(x)
 

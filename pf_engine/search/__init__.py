@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pf_engine.engine import ANCESTOR_TOKEN, REFERENCE_TOKEN, Particle, ParticleEngine, TreeNode, search_uniforms
-from pf_engine.kernels.resample import fused_resample_cpu
+from pf_engine.engine import Particle, ParticleEngine, TreeNode
+from pf_engine.philox import ANCESTOR_TOKEN, REFERENCE_TOKEN, search_uniforms
+from pf_engine.resample import resample
 from pf_engine.sampling import SamplingParams, sample
 from pf_engine.search.config import ALGORITHMS, SearchConfig
 
@@ -55,7 +56,8 @@ class Reference:
     finished: bool
 
 
-def run_search(engine: ParticleEngine, questions: list[str], keys: list[int], cfg: SearchConfig) -> list[ProblemOutcome]:
+def run_search(engine: ParticleEngine, questions: list[str], keys: list[int],
+               cfg: SearchConfig) -> list[ProblemOutcome]:
     """Run ``cfg.algorithm`` on a batch of problems; ``keys`` name the problems in the random streams."""
     n = cfg.num_particles
     tree: list[TreeNode] = []
@@ -101,7 +103,7 @@ def _sweep(engine: ParticleEngine, questions, keys, cfg: SearchConfig, sweep: in
             out = engine.weigh(particles, keys, round_, prm_output, live, aggregates, num_steps,
                                cfg.resample_params(kind), cfg.seed, n)
             rewards, step_weights = out.rewards.cpu().tolist(), out.weights.cpu().tolist()
-            for p, reward, weight in zip(particles, rewards, step_weights):
+            for p, reward, weight in zip(particles, rewards, step_weights, strict=True):
                 if reward == reward:  # NaN where the particle wrote no step this round
                     tree[p.node].reward, tree[p.node].weight = reward, weight
             if selection and not done:
@@ -153,17 +155,17 @@ def _condition_on_references(engine: ParticleEngine, questions, keys, cfg: Searc
     for k, prm_output in enumerate(prm_outputs):
         rows = torch.tensor([i for i, f in enumerate(futures) if len(f) > k])
         seg = np.concatenate([[0], np.cumsum(np.unique(np.asarray(problem_of)[rows.numpy()], return_counts=True)[1])])
-        spliced_out = fused_resample_cpu(seg, prm_output, torch.ones(len(rows), dtype=torch.bool),
-                                         aggregates[rows], num_steps[rows], params, uniforms=torch.zeros(len(rows)))
+        spliced_out = resample(seg, prm_output, torch.ones(len(rows), dtype=torch.bool), aggregates[rows],
+                               num_steps[rows], params, uniforms=torch.zeros(len(rows)))
         logw[rows] += torch.log(spliced_out.weights.double())
         aggregates[rows], num_steps[rows] = spliced_out.aggregates, spliced_out.num_steps
     # One draw per problem, by inverse CDF over its slots (-inf where a slot is no candidate).
     table = torch.full((len(spliced) * n,), float("-inf"), dtype=torch.float64)
     row_of = {b: r for r, b in enumerate(spliced)}
-    table[[row_of[b] * n + i % n for i, b in zip(candidates, problem_of)]] = logw
+    table[[row_of[b] * n + i % n for i, b in zip(candidates, problem_of, strict=True)]] = logw
     uniforms = search_uniforms(cfg.seed, [keys[b] for b in spliced], round_, 0, ANCESTOR_TOKEN)
     chosen = sample(table.view(len(spliced), n), SamplingParams(temperature=1.0), uniforms=uniforms).tolist()
-    for b, slot in zip(spliced, chosen):
+    for b, slot in zip(spliced, chosen, strict=True):
         ancestors[b * n] = b * n + slot
 
 

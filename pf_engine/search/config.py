@@ -2,14 +2,13 @@
 
 from dataclasses import dataclass
 
-from pf_engine.kernels.resample import SCHEMES, ResampleParams
+from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
+from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
 
 ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote")
-MAX_PARTICLES = 1024
-MAX_STEP_TOKENS = 4092  # a step's tokens are counted in 12 bits of each draw's Philox counter (4093+ are reserved)
-MAX_ROUNDS = 1 << 20  # iterations * max_steps: 20 bits of the counter
+MAX_PARTICLES = 1024  # of one problem (the random streams' slot field holds pf_engine.philox.MAX_SLOTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +23,7 @@ class SearchConfig:
     finishes the particle). A particle finishes at EOS, at a boxed answer, or
     after ``max_new_tokens`` tokens or ``max_steps`` steps. Weights are
     ``softmax(logit(aggregate) / weight_temperature)`` per problem (see
-    pf_engine.kernels.resample). Beam search keeps the ``num_particles //
+    pf_engine.resample). Beam search keeps the ``num_particles //
     beam_width`` best particles of a problem and extends each ``beam_width``
     ways; DVTS splits the particles into subtrees of ``beam_width`` and keeps
     the best of each subtree.
@@ -93,7 +92,7 @@ class SearchConfig:
             raise ValueError("step_delimiter must be a non-empty string")
         if not 0 <= self.seed < 2**62:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
-        self.sampling  # noqa: B018 - validates top_p and top_k
+        _ = self.sampling  # validates top_p and top_k
         self.resample_params("reward")  # validates aggregation, scheme, weight_temperature, ess_threshold
 
     @property
