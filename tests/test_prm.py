@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2Model
 
-from pf_engine.kernels.resample import REWARD_KINDS
+from pf_engine.resample import REWARD_KINDS
 from pf_engine.models import load_model
 from pf_engine.prm import ClassHeadPRM, TokenPairPRM
 from pf_engine.runner import ModelRunner
