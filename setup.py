@@ -13,7 +13,8 @@ import subprocess
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
-CUDA_SOURCES = sorted(os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join("csrc", "cuda")) if f.endswith(".cu"))
+CUDA_SOURCES = sorted(os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join("csrc", "cuda"))
+                      if f.endswith(".cu"))
 
 
 def find_cuda_home():
@@ -23,7 +24,8 @@ def find_cuda_home():
     if nvcc:
         candidates.insert(2, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for home in filter(None, candidates):
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        header, compiler = os.path.join(home, "include", "cuda_runtime.h"), os.path.join(home, "bin", "nvcc")
+        if os.path.exists(header) and os.path.exists(compiler):
             return home
     return None
 
@@ -101,9 +103,11 @@ else:
     print("pf_engine: building without the CUDA extension (no CUDA toolkit and driver, or PF_ENGINE_CUDA=0)")
 
 setup(
-    packages=find_packages(include=["pf_engine", "pf_engine.*"]) + ["pf_engine.kernels"],
+    # pf_engine.data holds no Python, only the demo's problems: listed as a package so
+    # that setuptools ships its files without warning about an unlisted importable folder.
+    packages=find_packages(include=["pf_engine", "pf_engine.*"]) + ["pf_engine.kernels", "pf_engine.data"],
     package_dir={"pf_engine.kernels": "kernels"},
-    package_data={"pf_engine": ["data/*.jsonl"]},
+    package_data={"pf_engine.data": ["*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -5,6 +5,9 @@
 - ``HAS_TRITON`` / ``TRITON_INTERPRET``: Triton importable; kernels run under
   its CPU interpreter when ``TRITON_INTERPRET=1`` was set before import.
 - ``HAS_FLASHINFER``: flashinfer importable (every call of it needs CUDA).
+- ``block_copy_impl`` / ``resample_impl``: which code copies KV blocks and runs
+  the fused resampling step on a device. (The attention backend is chosen by
+  ``pf_engine.attention.get_backend``, which asks this module.)
 """
 
 import importlib.util
@@ -14,7 +17,7 @@ import warnings
 import torch
 
 try:
-    from pf_engine import _C
+    from pf_engine import _C as _C  # re-exported: the rest of the package imports _C from here
 except ImportError as exc:  # pragma: no cover - only a broken install gets here
     raise ImportError(
         "pf_engine._C (the native block manager) is missing or failed to load: install "
@@ -40,9 +43,33 @@ if torch.cuda.is_available() and not HAS_CUDA_EXT:
     )
 
 
+# What the self-check prints for each implementation.
+IMPL_NAMES = {"cuda_ext": "CUDA extension", "triton": "Triton kernel", "torch": "torch indexing",
+              "native": "native CPU pass"}
+
+
 def uses_cuda_ext(device: torch.device) -> bool:
     """Whether work on ``device`` runs the native CUDA kernels."""
     return device.type == "cuda" and HAS_CUDA_EXT
+
+
+def block_copy_impl(device: torch.device | str) -> str:
+    """What copies KV blocks on ``device``: "cuda_ext", else "triton" on CUDA, "torch" elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch"
+    return "cuda_ext" if HAS_CUDA_EXT else "triton"
+
+
+def resample_impl(device: torch.device | str) -> str:
+    """What runs the fused resampling step on ``device``: "triton" on CUDA, the "native" pass on the CPU."""
+    return "triton" if torch.device(device).type == "cuda" else "native"
+
+
+def kernels(device: torch.device | str) -> dict[str, str]:
+    """The implementations above for ``device``, in words, for the self-check."""
+    return {"block copies": IMPL_NAMES[block_copy_impl(device)],
+            "resampling step": IMPL_NAMES[resample_impl(device)]}
 
 
 def summary() -> dict:

@@ -50,6 +50,10 @@ class Result:
                 f.write(json.dumps(record) + "\n")
 
 
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 / 10 else f"{num_bytes / 2**10:.1f} KiB"
+
+
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim(config) * dtype.itemsize
 
@@ -93,10 +97,15 @@ class Engine:
         per_token = [_kv_bytes_per_token(policy_config, next(policy_model.parameters()).dtype)]
         if prm_model is not None:
             per_token.append(_kv_bytes_per_token(prm_config, next(prm_model.parameters()).dtype))
-        num_blocks = int(kv_cache_memory // (sum(per_token) * block_size))
+        # The policy's and the PRM's caches get the same number of blocks: one block of
+        # the budget is a block of each.
+        bytes_per_block = sum(per_token) * block_size
+        num_blocks = int(kv_cache_memory // bytes_per_block)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no block of {block_size} tokens")
+            raise ValueError(f"kv_cache_memory ({_size(kv_cache_memory)}) holds no KV block: one block of "
+                             f"{block_size} tokens takes {_size(bytes_per_block)}")
         self.block_size = block_size
+        self.bytes_per_block = bytes_per_block
         self.kv_cache_memory = kv_cache_memory
         self.policy = ModelRunner(policy_model, num_blocks, block_size, backend)
         prm_engine = None
@@ -128,11 +137,10 @@ class Engine:
         capacity = self.policy.manager.num_blocks
         for i, need in enumerate(needs):
             if need > capacity:
-                per_block = self.kv_cache_memory / capacity
                 raise OutOfBlocksError(
-                    f"problem {i} needs {need} KV blocks ({need * per_block / 2**20:.1f} MiB) at worst with "
-                    f"{config.num_particles} particles and max_new_tokens={config.max_new_tokens}, but the cache "
-                    f"holds {capacity} blocks ({self.kv_cache_memory / 2**20:.1f} MiB): raise kv_cache_memory "
+                    f"problem {i} needs {need} KV blocks ({_size(need * self.bytes_per_block)}) at worst with "
+                    f"{config.num_particles} particles and max_new_tokens={config.max_new_tokens}, but "
+                    f"kv_cache_memory ({_size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory "
                     f"or lower num_particles / max_new_tokens")
         results: list[Result] = []
         start = batch = 0
@@ -147,7 +155,7 @@ class Engine:
             outcomes = run_search(self.core, questions[start:end], list(range(start, end)), config)
             stats = {k: v if k.startswith("peak_") else v - before[k] for k, v in self.core.stats.items()}
             stats |= {"batch": batch, "problems_in_batch": end - start, "batch_seconds": time.perf_counter() - began}
-            for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes), start):
+            for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes, strict=True), start):
                 results.append(self._result(question, outcome, config, key, stats))
             start, batch = end, batch + 1
             if progress:

