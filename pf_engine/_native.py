@@ -48,11 +48,6 @@ IMPL_NAMES = {"cuda_ext": "CUDA extension", "triton": "Triton kernel", "torch": 
               "native": "native CPU pass"}
 
 
-def uses_cuda_ext(device: torch.device) -> bool:
-    """Whether work on ``device`` runs the native CUDA kernels."""
-    return device.type == "cuda" and HAS_CUDA_EXT
-
-
 def block_copy_impl(device: torch.device | str) -> str:
     """What copies KV blocks on ``device``: "cuda_ext", else "triton" on CUDA, "torch" elsewhere."""
     device = torch.device(device)

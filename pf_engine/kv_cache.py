@@ -105,7 +105,8 @@ class KVCache:
         if len(np.unique(dst)) != len(dst) or np.isin(dst, src).any():
             raise ValueError("pairs repeat a dst block or use a block as both src and dst")
         pairs_t = torch.from_numpy(np.ascontiguousarray(pairs, dtype=np.int32)).to(self.device, non_blocking=True)
-        if _native.uses_cuda_ext(self.device):
+        impl = _native.block_copy_impl(self.device)
+        if impl == "cuda_ext":
             _native._C_cuda.copy_blocks(
                 kv=self.kv.data_ptr(),
                 pairs=pairs_t.data_ptr(),
@@ -115,7 +116,7 @@ class KVCache:
                 block_bytes=self.bytes_per_block // self.kv.shape[0],
                 stream=torch.cuda.current_stream(self.device).cuda_stream,
             )
-        elif self.device.type == "cuda":
+        elif impl == "triton":
             from pf_engine.kernels.copy_blocks import copy_blocks
 
             copy_blocks(self.kv, pairs_t)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pf_engine import _native
 from pf_engine._native import _C
 
 REWARD_KINDS = ("class_logits", "token_logits", "reward")
@@ -292,7 +293,7 @@ def resample(
     layout = check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
     device = aggregates.device
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "native"
+        impl = _native.resample_impl(device)
     if impl == "native" and device.type != "cpu":
         raise ValueError(f"the native resampling pass takes CPU tensors, got {device}")
     inputs = ResampleInputs(layout, prm_output.contiguous(), live.contiguous(), aggregates.contiguous(),
