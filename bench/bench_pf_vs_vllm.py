@@ -264,14 +264,14 @@ def run_pf_engine(engine, job) -> list[dict]:
         began = time.perf_counter()
         results = engine.solve(job["questions"], config(n, steps))
         seconds = time.perf_counter() - began
-        batches = {r.stats["batch"]: r.stats for r in results}.values()
+        stats = [r.stats for r in results]  # each problem's own counts, and the call's peaks
         rows.append({"particles": n, "steps": steps, "seconds": seconds,
-                     "tokens_generated": sum(b["tokens_generated"] for b in batches),
-                     "prm_tokens": sum(b["prm_tokens"] for b in batches),
-                     "prm_tokens_computed": sum(b["prm_tokens"] for b in batches),
+                     "tokens_generated": sum(s["tokens_generated"] for s in stats),
+                     "prm_tokens": sum(s["prm_tokens"] for s in stats),
+                     "prm_tokens_computed": sum(s["prm_tokens"] for s in stats),
                      "prompt_tokens_resent": 0,
-                     "peak_kv_bytes": max(b["peak_blocks"] * block_bytes + b["peak_prm_blocks"] * prm_block_bytes
-                                          for b in batches)})
+                     "peak_kv_bytes": max(s["peak_blocks"] * block_bytes + s["peak_prm_blocks"] * prm_block_bytes
+                                          for s in stats)})
     return rows
 
 

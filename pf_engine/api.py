@@ -1,7 +1,7 @@
 """The public entry point: ``Engine(policy, prm).solve(problems, SearchConfig(...))``."""
 
 import json
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,13 +9,15 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, TreeNode
+from pf_engine.engine import ParticleEngine, Problem, StepRules, TreeNode
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
+from pf_engine.philox import MAX_PROBLEMS
 from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM
 from pf_engine.runner import ModelRunner
-from pf_engine.search import SearchConfig, run_search
+from pf_engine.scheduler import Scheduler
+from pf_engine.search import SearchConfig, policy_for
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -24,9 +26,9 @@ DEFAULT_KV_MEMORY_CPU = 1 << 30
 class Result:
     """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
 
-    ``stats`` are those of the batch the problem ran in (``stats["batch"]`` numbers it):
-    tokens generated, PRM tokens prefilled, policy tokens prefilled for ancestor sampling,
-    peak KV blocks of the policy and of a model PRM, seconds per phase.
+    ``stats``: the problem's own counts (tokens generated, PRM tokens prefilled, policy
+    tokens prefilled for ancestor sampling and for rebuilding after preemptions, and
+    preemptions) and the call's peak KV blocks of the policy and of a model PRM so far.
     """
 
     question: str
@@ -93,7 +95,8 @@ class Engine:
         per_token = [_kv_bytes_per_token(policy_config, next(policy_model.parameters()).dtype)]
         if prm_model is not None:
             per_token.append(_kv_bytes_per_token(prm_config, next(prm_model.parameters()).dtype))
-        num_blocks = int(kv_cache_memory // (sum(per_token) * block_size))
+        self.bytes_per_block = sum(per_token) * block_size  # one block of the policy's cache and one of the PRM's
+        num_blocks = int(kv_cache_memory // self.bytes_per_block)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes holds no block of {block_size} tokens")
         self.block_size = block_size
@@ -116,79 +119,91 @@ class Engine:
     def solve(self, problems, config: SearchConfig | None = None, progress=None) -> list["Result"]:
         """Solve every problem; ``problems`` are strings or dicts with "problem" or "question".
 
-        Problems run together as far as the KV cache holds them all at the worst
-        case; the rest wait for the next batch. ``progress(num_done)`` is called
-        after each batch.
+        Returns the results in input order (see :meth:`stream`); ``progress(num_done)``
+        is called as each problem finishes.
+        """
+        results: list[Result | None] = [None] * len(problems)
+        for done, (index, result) in enumerate(self.stream(problems, config), 1):
+            results[index] = result
+            if progress:
+                progress(done)
+        return results
+
+    def stream(self, problems, config: SearchConfig | None = None) -> Iterator[tuple[int, "Result"]]:
+        """Yield ``(index, Result)`` for each problem as soon as its search ends.
+
+        Problems run together under continuous batching: they are admitted while the
+        KV caches' free blocks allow, each advances its own rounds, and a problem that
+        does not fit is preempted and later rebuilt from its search tree. Draws are
+        keyed by problem, round, particle and token, so results do not depend on
+        batching, admission order or preemption. If anything raises (a PRM callable,
+        KeyboardInterrupt) or the generator is closed early, the caches are left as
+        they were before the call.
         """
         config = config or SearchConfig()
         questions = [_question(p, i) for i, p in enumerate(problems)]
-        if config.algorithm != "self_consistency" and self.core.prm is None:
+        if len(questions) > MAX_PROBLEMS:
+            raise ValueError(f"at most {MAX_PROBLEMS} problems per call (the random streams' problem field), "
+                             f"got {len(questions)}")
+        policy = policy_for(config)
+        if policy.scores and self.core.prm is None:
             raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine")
-        needs = [self._blocks_needed(q, config) for q in questions]
-        capacity = self.policy.manager.num_blocks
-        for i, need in enumerate(needs):
-            if need > capacity:
-                per_block = self.kv_cache_memory / capacity
-                raise OutOfBlocksError(
-                    f"problem {i} needs {need} KV blocks ({need * per_block / 2**20:.1f} MiB) at worst with "
-                    f"{config.num_particles} particles and max_new_tokens={config.max_new_tokens}, but the cache "
-                    f"holds {capacity} blocks ({self.kv_cache_memory / 2**20:.1f} MiB): raise kv_cache_memory "
-                    f"or lower num_particles / max_new_tokens")
-        results: list[Result] = []
-        start = batch = 0
-        while start < len(questions):
-            end, used = start, 0
-            while end < len(questions) and used + needs[end] <= capacity:
-                used += needs[end]
-                end += 1
-            self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per batch
-            before = dict(self.core.stats)
-            began = time.perf_counter()
-            outcomes = run_search(self.core, questions[start:end], list(range(start, end)), config)
-            stats = {k: v if k.startswith("peak_") else v - before[k] for k, v in self.core.stats.items()}
-            stats |= {"batch": batch, "problems_in_batch": end - start, "batch_seconds": time.perf_counter() - began}
-            for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes), start):
-                results.append(self._result(question, outcome, config, key, stats))
-            start, batch = end, batch + 1
-            if progress:
-                progress(len(results))
-        return results
+        core = self.core
+        states = []
+        for i, question in enumerate(questions):
+            prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
+            state = Problem(i, question, config.num_particles, core.prompt_ids(question), prm_prompt)
+            self._check_fits(state, config)
+            states.append(state)
+        return self._stream(states, policy, config)
 
-    def _blocks_needed(self, question: str, config: SearchConfig) -> int:
-        """Worst-case blocks of one problem: its prompt once, then every particle's own tokens.
+    def _stream(self, states, policy, config) -> Iterator[tuple[int, "Result"]]:
+        core = self.core
+        core.begin(StepRules(config.sampling, config.seed, config.max_steps, config.max_step_tokens,
+                             config.max_new_tokens, config.stop_at_boxed), config.step_delimiter)
+        core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
+        scheduler = Scheduler(core, policy, config, states, self.bytes_per_block)
+        for problem in scheduler.run():
+            yield problem.index, self._result(problem, config)
 
-        Ancestor sampling adds a transient copy of every particle carrying the
-        reference's future, and a reference spliced onto a longer prefix (up to
-        twice the tokens): 2N + 1 particles' worth.
-        """
+    def _check_fits(self, problem: Problem, config: SearchConfig) -> None:
+        """OutOfBlocksError unless the problem fits alone at its minimum: its prompt, and for
+        every particle one block to share plus one step of its own."""
         bs = self.block_size
-        prompt_blocks = -(-len(self.core.prompt_ids(question)) // bs)
-        copies = config.num_particles
-        if config.algorithm == "particle_gibbs" and config.ancestor_sampling:
-            copies = 2 * config.num_particles + 1
-        need = prompt_blocks + copies * (-(-config.max_new_tokens // bs) + 1)
-        if self.core.prm_runner is not None:
-            # PRM tokens: its own tokenization (up to twice the policy's) and one marker per step
-            prm_own = -(-(2 * config.max_new_tokens + config.max_steps) // bs) + 1
-            need = max(need, 2 * prompt_blocks + copies * prm_own)
-        return need
+        step_blocks = -(-config.max_step_tokens // bs) + 1
+        need = -(-len(problem.prompt_ids) // bs) + config.num_particles * step_blocks
+        if problem.prm_prompt_ids is not None:
+            need = max(need, -(-len(problem.prm_prompt_ids) // bs) + config.num_particles * step_blocks)
+        capacity = self.policy.manager.num_blocks
+        if need > capacity:
+            raise OutOfBlocksError(
+                f"problem {problem.index} needs at least {need} KV blocks ({need * self.bytes_per_block / 2**20:.1f} "
+                f"MiB) with {config.num_particles} particles of up to {config.max_step_tokens} tokens a step, "
+                f"but kv_cache_memory ({self.kv_cache_memory / 2**20:.1f} MiB) holds {capacity}: raise "
+                f"kv_cache_memory or lower num_particles / max_step_tokens")
 
-    def _result(self, question, outcome, config, key, stats) -> Result:
-        texts = ["".join(p.steps) for p in outcome.particles]
-        weights = outcome.weights
+    def _result(self, problem: Problem, config: SearchConfig) -> Result:
+        n = problem.num_particles
+        steps = [problem.steps(slot) for slot in range(n)]
+        texts = ["".join(s) for s in steps]
+        weights = problem.weights.tolist()
         answers = [extract_answer(t) for t in texts]
         if config.final_answer == "vote" or config.algorithm == "self_consistency":
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
         elif config.final_answer == "sampled":
-            rng = np.random.default_rng([config.seed, key])
-            chosen = int(rng.choice(len(weights), p=np.asarray(weights) / np.sum(weights)))
+            rng = np.random.default_rng([config.seed, problem.index])
+            chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:
             chosen = int(np.argmax(weights))
             answer = answers[chosen]
-        return Result(question, answer, texts[chosen], list(outcome.particles[chosen].steps), weights, texts,
-                      outcome.tree, [p.node for p in outcome.particles], chosen, dict(stats))
+        stats = {"tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
+                 "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
+                 "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
+                 "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
+        return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
+                      problem.leaf.tolist(), chosen, stats)
 
 
 def _question(problem, index: int) -> str:
