@@ -95,6 +95,7 @@ class Problem:
     root_hidden: torch.Tensor | None = None  # hidden state of the prompt's last token
     num_writing: int = 0  # rows still writing this round's step
     forced: dict = field(default_factory=dict)  # particle Gibbs: slot -> (token ids, finishes) replayed this round
+    committed: tuple | None = None  # the state before the round being ended, until it is final
     extra: dict = field(default_factory=dict)  # the selection policy's own state
     tokens_generated: int = 0
     prm_tokens: int = 0
@@ -396,6 +397,7 @@ class ParticleEngine:
     # -- a round -----------------------------------------------------------------
     def begin_round(self, problem: Problem) -> None:
         """Every live particle of ``problem`` starts writing its next step."""
+        problem.committed = None
         r, rows, rules = self.rows, problem.rows, self.rules
         r.writing[rows] = ~problem.finished
         r.finished[rows] = problem.finished
@@ -481,6 +483,8 @@ class ParticleEngine:
     def commit_round(self, problem: Problem, steps: list[tuple[int, list[int], str]]) -> list[int]:
         """The round's steps join the tree and the particles' durable state; returns their nodes."""
         r, rows = self.rows, problem.rows
+        problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.num_tokens,
+                             problem.boxed)
         nodes = []
         for slot, ids, text in steps:
             row = rows[slot]
@@ -496,6 +500,14 @@ class ParticleEngine:
         problem.boxed = r.boxed[rows].copy()
         problem.forced = {}
         return nodes
+
+    def rollback(self, problem: Problem) -> None:
+        """Take back the round :meth:`commit_round` added, if the problem has not moved past it."""
+        if problem.committed is None:
+            return
+        size, problem.leaf, problem.finished, problem.num_tokens, problem.boxed = problem.committed
+        del problem.tree[size:], problem.node_tokens[size:]
+        problem.committed = None
 
     @_timed("score")
     def score(self, problems: list[Problem], steps: list[list[tuple[int, list[int], str]]]):

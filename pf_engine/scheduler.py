@@ -110,7 +110,9 @@ class Scheduler:
         return candidates[-1]
 
     def _preempt(self, victim: Problem) -> None:
-        """Free all of ``victim``'s blocks and put it back at the front of the queue."""
+        """Free all of ``victim``'s blocks and put it back at the front of the queue, as it was
+        at the start of its round (a round it had begun to end is taken back)."""
+        self.engine.rollback(victim)
         self.engine.evict(victim)
         victim.forced = {}
         victim.num_preemptions += 1
@@ -123,7 +125,8 @@ class Scheduler:
         mib = manager.num_blocks * self.bytes_per_block / 2**20
         return OutOfBlocksError(
             f"problem {problem.index} cannot {what} even alone: with {problem.num_particles} particles at step "
-            f"{problem.step} it needs more than the {manager.num_blocks} KV blocks ({mib:.1f} MiB) of the cache")
+            f"{problem.step} (sweep {problem.sweep}) it needs more than the {manager.num_blocks} KV blocks "
+            f"({mib:.2f} MiB) of the cache: raise kv_cache_memory or lower num_particles / max_new_tokens")
 
     # -- one iteration -------------------------------------------------------------
     def step(self) -> list[Problem]:
@@ -179,21 +182,24 @@ class Scheduler:
         done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in ready]
         if scored is not None:
             prm_output, live, kind = scored
-            out = engine.weigh(ready, prm_output, live, cfg.resample_params(kind), self._resample_uniforms(ready))
+            while True:
+                out = engine.weigh(ready, prm_output, live, cfg.resample_params(kind), self._resample_uniforms(ready))
+                try:
+                    ancestors = policy.select(engine, ready, out, done)
+                    break
+                except OutOfBlocksError:  # ancestor sampling's spliced futures: make room and weigh again
+                    victim = self._preempt_newest(keep=ready[0])
+                    if victim in ready:  # it redoes this round later; the others go on without it
+                        b = ready.index(victim)
+                        keep = torch.ones(len(ready) * n, dtype=torch.bool)
+                        keep[b * n:(b + 1) * n] = False
+                        prm_output, live = prm_output[keep], live[keep]
+                        del ready[b], steps[b], nodes[b], done[b]
             rewards, weights = out.rewards.cpu(), out.weights.cpu()
             for b, (p, stepped, new) in enumerate(zip(ready, steps, nodes, strict=True)):
                 for (slot, _, _), node in zip(stepped, new, strict=True):
                     p.tree[node].reward = float(rewards[b * n + slot])
                     p.tree[node].weight = float(weights[b * n + slot])
-            while True:
-                try:
-                    ancestors = policy.select(engine, ready, out, done)
-                    break
-                except OutOfBlocksError:  # ancestor sampling's spliced futures: preempt what is mid-round
-                    others = [p for p in self.running if p not in ready]
-                    if not others:
-                        raise self._too_big(ready[-1], "sample its reference's ancestor") from None
-                    self._preempt(others[-1])
             aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
             for b, (p, chosen) in enumerate(zip(ready, ancestors, strict=True)):
                 part = slice(b * n, (b + 1) * n)
