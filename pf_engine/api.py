@@ -62,6 +62,9 @@ class Engine:
     Parameters
     ----------
     policy : path of a Hugging Face checkpoint folder; default: the embedded SmolLM2-135M-Instruct.
+        A model already built (a module with ``config``, ``forward(input_ids, meta, backend, kv)``
+        and ``compute_logits(hidden)``, as pf_engine.models builds them) is run as it is, with
+        ``tokenizer``.
     prm : None, a callable ``f(question, steps) -> reward in [0, 1]``, or a checkpoint folder:
         a class-head PRM (Qwen2.5-Math-PRM; ``prm_separator`` marks step ends) or a language
         model read as a token-pair PRM (``prm_step_tag``, ``prm_good``, ``prm_bad``).
@@ -72,7 +75,7 @@ class Engine:
     def __init__(self, policy=None, prm=None, device="cpu", kv_cache_memory: int | None = None,
                  block_size: int = 16, backend: str = "auto", dtype: torch.dtype | None = None,
                  prm_separator: str = "<extra_0>", prm_step_tag: str | None = None,
-                 prm_good: str | None = None, prm_bad: str | None = None):
+                 prm_good: str | None = None, prm_bad: str | None = None, tokenizer=None):
         from transformers import AutoTokenizer
 
         if prm is not None and not callable(prm) and not isinstance(prm, (str, Path)):
@@ -82,8 +85,13 @@ class Engine:
 
             policy = smollm2_path()
         device = torch.device(device)
-        policy_model, policy_config = load_model(policy, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(policy)
+        if isinstance(policy, torch.nn.Module):
+            if tokenizer is None:
+                raise ValueError("a policy given as a model needs its tokenizer: pass tokenizer=")
+            policy_model, policy_config = policy, policy.config
+        else:
+            policy_model, policy_config = load_model(policy, dtype=dtype, device=device)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(policy)
         prm_model = prm_config = prm_tokenizer = None
         if isinstance(prm, (str, Path)):
             prm_model, prm_config = load_model(prm, dtype=dtype, device=device)
@@ -132,6 +140,10 @@ class Engine:
     def stream(self, problems, config: SearchConfig | None = None) -> Iterator[tuple[int, "Result"]]:
         """Yield ``(index, Result)`` for each problem as soon as its search ends.
 
+        A problem is named in the random streams by its index in ``problems``, or by
+        the ``"key"`` its dict gives (an int below 2**20): the same key, config and
+        seed give the same result in any call, alone or with any other problems.
+
         Problems run together under continuous batching: they are admitted while the
         KV caches' free blocks allow, each advances its own rounds, and a problem that
         does not fit is preempted and later rebuilt from its search tree. Draws are
@@ -142,17 +154,14 @@ class Engine:
         """
         config = config or SearchConfig()
         questions = [_question(p, i) for i, p in enumerate(problems)]
-        if len(questions) > MAX_PROBLEMS:
-            raise ValueError(f"at most {MAX_PROBLEMS} problems per call (the random streams' problem field), "
-                             f"got {len(questions)}")
         policy = policy_for(config)
         if policy.scores and self.core.prm is None:
             raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine")
         core = self.core
         states = []
-        for i, question in enumerate(questions):
+        for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
             prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
-            state = Problem(i, question, config.num_particles, core.prompt_ids(question), prm_prompt)
+            state = Problem(i, key, question, config.num_particles, core.prompt_ids(question), prm_prompt)
             self._check_fits(state, config)
             states.append(state)
         return self._stream(states, policy, config)
@@ -192,7 +201,7 @@ class Engine:
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
         elif config.final_answer == "sampled":
-            rng = np.random.default_rng([config.seed, problem.index])
+            rng = np.random.default_rng([config.seed, problem.key])
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:
@@ -204,6 +213,18 @@ class Engine:
                  "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
                       problem.leaf.tolist(), chosen, stats)
+
+
+def _keys(problems) -> list[int]:
+    """Each problem's name in the random streams: its "key" where a dict gives one, else its index."""
+    keys = [p.get("key", i) if isinstance(p, dict) else i for i, p in enumerate(problems)]
+    for i, key in enumerate(keys):
+        if not isinstance(key, int) or not 0 <= key < MAX_PROBLEMS:
+            raise ValueError(f"problem {i}: key must be an int in [0, {MAX_PROBLEMS}) (its name in the random "
+                             f"streams), got {key!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("two problems share a key: they would draw the same random numbers")
+    return keys
 
 
 def _question(problem, index: int) -> str:

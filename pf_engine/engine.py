@@ -80,7 +80,8 @@ class Problem:
     (and ``root``, its prompt) until it is evicted or finishes.
     """
 
-    index: int  # position in the call: names the problem in the random streams and in its tree
+    index: int  # position in the call (its tree nodes carry it)
+    key: int  # its name in the random streams
     question: str
     num_particles: int
     prompt_ids: list[int]
@@ -221,8 +222,10 @@ class ParticleEngine:
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "seconds_prefill": 0.0, "seconds_decode": 0.0,
-                      "seconds_score": 0.0, "seconds_resample": 0.0, "seconds_ancestors": 0.0}
+        # peaks since the call began; forwards and sequences fed for occupancy; seconds per phase
+        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "decode_forwards": 0, "decode_sequences": 0,
+                      "seconds_prefill": 0.0, "seconds_decode": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
+                      "seconds_ancestors": 0.0}
         self._texts: list[str] | None = None
         self._tables: dict[str, StepEndTables] = {}
         self.rows: Rows | None = None
@@ -294,7 +297,7 @@ class ParticleEngine:
         r = self.rows
         r.seq_id[rows] = seqs
         r.prm_seq_id[rows] = [-1 if s is None else s for s in prm_seqs]
-        r.key[rows] = problem.index
+        r.key[rows] = problem.key
         r.slot[rows] = np.arange(problem.num_particles)
         r.problem[rows] = problem.index
         r.hidden[torch.from_numpy(rows)] = torch.stack(hiddens)
@@ -464,6 +467,8 @@ class ParticleEngine:
             return
         hidden = self.policy.run(self.rows.seq_id[rows], np.ones(len(rows), dtype=np.int64), tokens)
         self.rows.hidden[torch.from_numpy(rows)] = hidden
+        self.stats["decode_forwards"] += 1
+        self.stats["decode_sequences"] += len(rows)
         self.note_blocks()
 
     def step_texts(self, problems: list[Problem]) -> list[list[tuple[int, list[int], str]]]:
@@ -473,12 +478,23 @@ class ParticleEngine:
         ids = [r.tokens[p.rows[s], :r.step_len[p.rows[s]]].tolist() for p, slots in zip(problems, stepped,
                                                                                            strict=True)
                for s in slots]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+        texts = self.decode(ids) if ids else []
         out, i = [], 0
         for slots in stepped:
             out.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
             i += len(slots)
         return out
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;
+        in one call of a fast tokenizer's backend (transformers' batch_decode inspects every id)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = backend.decode_batch(ids, skip_special_tokens=True)
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            texts = [self.tokenizer.clean_up_tokenization(t) for t in texts]
+        return texts
 
     def commit_round(self, problem: Problem, steps: list[tuple[int, list[int], str]]) -> list[int]:
         """The round's steps join the tree and the particles' durable state; returns their nodes."""
@@ -488,9 +504,10 @@ class ParticleEngine:
         nodes = []
         for slot, ids, text in steps:
             row = rows[slot]
-            node = TreeNode(len(problem.tree), problem.index, int(problem.leaf[slot]), len(problem.path(slot)),
-                            text, finished=bool(r.finished[row]), iteration=problem.sweep,
-                            reference=slot in problem.forced)
+            parent = int(problem.leaf[slot])
+            depth = problem.tree[parent].depth + 1 if parent >= 0 else 0
+            node = TreeNode(len(problem.tree), problem.index, parent, depth, text, finished=bool(r.finished[row]),
+                            iteration=problem.sweep, reference=slot in problem.forced)
             problem.tree.append(node)
             problem.node_tokens.append(ids)
             problem.leaf[slot] = node.node

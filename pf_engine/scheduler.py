@@ -195,11 +195,11 @@ class Scheduler:
                         keep[b * n:(b + 1) * n] = False
                         prm_output, live = prm_output[keep], live[keep]
                         del ready[b], steps[b], nodes[b], done[b]
-            rewards, weights = out.rewards.cpu(), out.weights.cpu()
+            rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
+            weight_list = weights.tolist()
             for b, (p, stepped, new) in enumerate(zip(ready, steps, nodes, strict=True)):
                 for (slot, _, _), node in zip(stepped, new, strict=True):
-                    p.tree[node].reward = float(rewards[b * n + slot])
-                    p.tree[node].weight = float(weights[b * n + slot])
+                    p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
             aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
             for b, (p, chosen) in enumerate(zip(ready, ancestors, strict=True)):
                 part = slice(b * n, (b + 1) * n)
@@ -225,6 +225,6 @@ class Scheduler:
 
     def _resample_uniforms(self, ready: list[Problem]) -> torch.Tensor:
         n = self.config.num_particles
-        keys = torch.tensor([p.index for p in ready]).repeat_interleave(n)
+        keys = torch.tensor([p.key for p in ready]).repeat_interleave(n)
         rounds = torch.tensor([p.round_(self.config.max_steps) for p in ready]).repeat_interleave(n)
         return search_uniforms(self.config.seed, keys, rounds, torch.arange(n).repeat(len(ready)), RESAMPLE_TOKEN)

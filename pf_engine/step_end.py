@@ -62,6 +62,9 @@ class StepEndTables:
         self.matched = np.zeros((vocab, width), dtype=bool)
         chars = set(delimiter)
         for token, text in enumerate(texts):
+            if not text:  # a special token: the text, and so the state, stays as it was
+                self.next_state[token] = np.arange(width)
+                continue
             if chars.isdisjoint(text):
                 continue  # every state falls back to 0, nothing matches
             for start in range(width):
