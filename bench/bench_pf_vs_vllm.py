@@ -68,8 +68,14 @@ def baseline_pf(backend, job: dict, n: int, steps: int) -> dict:
             p["steps"].append(new)
             text = backend.decode(new)
             p["done"] = eos or "\\boxed{" in text or len(p["ids"]) >= budget
-        prm_seqs = [job["prm_prompts"][p["problem"]] + [t for s in p["steps"] for t in s + [job["tag"]]] for p in live]
-        for p, r in zip(live, backend.prm(prm_seqs), strict=True):
+        if job.get("rule_verifier"):  # pf_engine's arithmetic verifier on each partial answer's steps
+            verifier = rule_verifier()
+            rewards = [verifier(job["questions"][p["problem"]], [backend.decode(s) for s in p["steps"]]) for p in live]
+        else:
+            prm_seqs = [job["prm_prompts"][p["problem"]] + [t for s in p["steps"] for t in s + [job["tag"]]]
+                        for p in live]
+            rewards = backend.prm(prm_seqs)
+        for p, r in zip(live, rewards, strict=True):
             p["reward"] = r
         if round_ == steps - 1:
             break
@@ -87,6 +93,16 @@ def baseline_pf(backend, job: dict, n: int, steps: int) -> dict:
     return {"tokens_generated": backend.generated, "prm_tokens": backend.prm_read,
             "prm_tokens_computed": backend.prm_computed, "prompt_tokens_resent": backend.resent,
             "peak_kv_bytes": backend.peak_kv_bytes}
+
+
+def rule_verifier():
+    """pf_engine's arithmetic step verifier, loaded from its file: the vLLM venv has no pf_engine."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verifiers", HERE.parent / "pf_engine" / "verifiers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.arithmetic_verifier
 
 
 class _Counters:
@@ -107,7 +123,7 @@ class VllmBackend(_Counters):
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         self.kv_bytes_per_token = job["kv_bytes_per_token"]
         self.stop_ids = set(job["eos_ids"])
-        self.good, self.bad = job["good"], job["bad"]
+        self.good, self.bad = job.get("good"), job.get("bad")  # the token-pair PRM's, if any
         self.reset()
 
     def decode(self, ids):
@@ -156,7 +172,7 @@ class HfBackend(_Counters):
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else job["eos_ids"][0]
         self.eos_ids = set(job["eos_ids"])
         self.kv_bytes_per_token = job["kv_bytes_per_token"]
-        self.good, self.bad = job["good"], job["bad"]
+        self.good, self.bad = job.get("good"), job.get("bad")  # the token-pair PRM's, if any
         self.reset()
 
     def decode(self, ids):
@@ -264,14 +280,14 @@ def run_pf_engine(engine, job) -> list[dict]:
         began = time.perf_counter()
         results = engine.solve(job["questions"], config(n, steps))
         seconds = time.perf_counter() - began
-        batches = {r.stats["batch"]: r.stats for r in results}.values()
+        stats = [r.stats for r in results]  # each problem's own counts, and the call's peaks
         rows.append({"particles": n, "steps": steps, "seconds": seconds,
-                     "tokens_generated": sum(b["tokens_generated"] for b in batches),
-                     "prm_tokens": sum(b["prm_tokens"] for b in batches),
-                     "prm_tokens_computed": sum(b["prm_tokens"] for b in batches),
+                     "tokens_generated": sum(s["tokens_generated"] for s in stats),
+                     "prm_tokens": sum(s["prm_tokens"] for s in stats),
+                     "prm_tokens_computed": sum(s["prm_tokens"] for s in stats),
                      "prompt_tokens_resent": 0,
-                     "peak_kv_bytes": max(b["peak_blocks"] * block_bytes + b["peak_prm_blocks"] * prm_block_bytes
-                                          for b in batches)})
+                     "peak_kv_bytes": max(s["peak_blocks"] * block_bytes + s["peak_prm_blocks"] * prm_block_bytes
+                                          for s in stats)})
     return rows
 
 

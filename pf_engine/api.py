@@ -1,7 +1,7 @@
 """The public entry point: ``Engine(policy, prm).solve(problems, SearchConfig(...))``."""
 
 import json
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,13 +9,15 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, TreeNode
-from pf_engine.errors import OutOfBlocksError
+from pf_engine.engine import ParticleEngine, Problem, StepRules, TreeNode
+from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
+from pf_engine.philox import MAX_PROBLEMS
 from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM
 from pf_engine.runner import ModelRunner
-from pf_engine.search import SearchConfig, run_search
+from pf_engine.scheduler import Scheduler
+from pf_engine.search import SearchConfig, policy_for
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -24,9 +26,9 @@ DEFAULT_KV_MEMORY_CPU = 1 << 30
 class Result:
     """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
 
-    ``stats`` are those of the batch the problem ran in (``stats["batch"]`` numbers it):
-    tokens generated, PRM tokens prefilled, policy tokens prefilled for ancestor sampling,
-    peak KV blocks of the policy and of a model PRM, seconds per phase.
+    ``stats``: the problem's own counts (tokens generated, PRM tokens prefilled, policy
+    tokens prefilled for ancestor sampling and for rebuilding after preemptions, and
+    preemptions) and the call's peak KV blocks of the policy and of a model PRM so far.
     """
 
     question: str
@@ -50,8 +52,6 @@ class Result:
                 f.write(json.dumps(record) + "\n")
 
 
-def _size(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 / 10 else f"{num_bytes / 2**10:.1f} KiB"
 
 
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -64,6 +64,9 @@ class Engine:
     Parameters
     ----------
     policy : path of a Hugging Face checkpoint folder; default: the embedded SmolLM2-135M-Instruct.
+        A model already built (a module with ``config``, ``forward(input_ids, meta, backend, kv)``
+        and ``compute_logits(hidden)``, as pf_engine.models builds them) is run as it is, with
+        ``tokenizer``.
     prm : None, a callable ``f(question, steps) -> reward in [0, 1]``, or a checkpoint folder:
         a class-head PRM (Qwen2.5-Math-PRM; ``prm_separator`` marks step ends) or a language
         model read as a token-pair PRM (``prm_step_tag``, ``prm_good``, ``prm_bad``).
@@ -74,7 +77,7 @@ class Engine:
     def __init__(self, policy=None, prm=None, device="cpu", kv_cache_memory: int | None = None,
                  block_size: int = 16, backend: str = "auto", dtype: torch.dtype | None = None,
                  prm_separator: str = "<extra_0>", prm_step_tag: str | None = None,
-                 prm_good: str | None = None, prm_bad: str | None = None):
+                 prm_good: str | None = None, prm_bad: str | None = None, tokenizer=None):
         from transformers import AutoTokenizer
 
         if prm is not None and not callable(prm) and not isinstance(prm, (str, Path)):
@@ -84,8 +87,13 @@ class Engine:
 
             policy = smollm2_path()
         device = torch.device(device)
-        policy_model, policy_config = load_model(policy, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(policy)
+        if isinstance(policy, torch.nn.Module):
+            if tokenizer is None:
+                raise ValueError("a policy given as a model needs its tokenizer: pass tokenizer=")
+            policy_model, policy_config = policy, policy.config
+        else:
+            policy_model, policy_config = load_model(policy, dtype=dtype, device=device)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(policy)
         prm_model = prm_config = prm_tokenizer = None
         if isinstance(prm, (str, Path)):
             prm_model, prm_config = load_model(prm, dtype=dtype, device=device)
@@ -102,8 +110,8 @@ class Engine:
         bytes_per_block = sum(per_token) * block_size
         num_blocks = int(kv_cache_memory // bytes_per_block)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory ({_size(kv_cache_memory)}) holds no KV block: one block of "
-                             f"{block_size} tokens takes {_size(bytes_per_block)}")
+            raise ValueError(f"kv_cache_memory ({size(kv_cache_memory)}) holds no KV block: one block of "
+                             f"{block_size} tokens takes {size(bytes_per_block)}")
         self.block_size = block_size
         self.bytes_per_block = bytes_per_block
         self.kv_cache_memory = kv_cache_memory
@@ -125,78 +133,104 @@ class Engine:
     def solve(self, problems, config: SearchConfig | None = None, progress=None) -> list["Result"]:
         """Solve every problem; ``problems`` are strings or dicts with "problem" or "question".
 
-        Problems run together as far as the KV cache holds them all at the worst
-        case; the rest wait for the next batch. ``progress(num_done)`` is called
-        after each batch.
+        Returns the results in input order (see :meth:`stream`); ``progress(num_done)``
+        is called as each problem finishes.
+        """
+        results: list[Result | None] = [None] * len(problems)
+        for done, (index, result) in enumerate(self.stream(problems, config), 1):
+            results[index] = result
+            if progress:
+                progress(done)
+        return results
+
+    def stream(self, problems, config: SearchConfig | None = None) -> Iterator[tuple[int, "Result"]]:
+        """Yield ``(index, Result)`` for each problem as soon as its search ends.
+
+        A problem is named in the random streams by its index in ``problems``, or by
+        the ``"key"`` its dict gives (an int below 2**20): the same key, config and
+        seed give the same result in any call, alone or with any other problems.
+
+        Problems run together under continuous batching: they are admitted while the
+        KV caches' free blocks allow, each advances its own rounds, and a problem that
+        does not fit is preempted and later rebuilt from its search tree. Draws are
+        keyed by problem, round, particle and token, so results do not depend on
+        batching, admission order or preemption. If anything raises (a PRM callable,
+        KeyboardInterrupt) or the generator is closed early, the caches are left as
+        they were before the call.
         """
         config = config or SearchConfig()
         questions = [_question(p, i) for i, p in enumerate(problems)]
-        if config.algorithm != "self_consistency" and self.core.prm is None:
+        policy = policy_for(config)
+        if policy.scores and self.core.prm is None:
             raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine")
-        needs = [self._blocks_needed(q, config) for q in questions]
-        capacity = self.policy.manager.num_blocks
-        for i, need in enumerate(needs):
-            if need > capacity:
-                raise OutOfBlocksError(
-                    f"problem {i} needs {need} KV blocks ({_size(need * self.bytes_per_block)}) at worst with "
-                    f"{config.num_particles} particles and max_new_tokens={config.max_new_tokens}, but "
-                    f"kv_cache_memory ({_size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory "
-                    f"or lower num_particles / max_new_tokens")
-        results: list[Result] = []
-        start = batch = 0
-        while start < len(questions):
-            end, used = start, 0
-            while end < len(questions) and used + needs[end] <= capacity:
-                used += needs[end]
-                end += 1
-            self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per batch
-            before = dict(self.core.stats)
-            began = time.perf_counter()
-            outcomes = run_search(self.core, questions[start:end], list(range(start, end)), config)
-            stats = {k: v if k.startswith("peak_") else v - before[k] for k, v in self.core.stats.items()}
-            stats |= {"batch": batch, "problems_in_batch": end - start, "batch_seconds": time.perf_counter() - began}
-            for key, (question, outcome) in enumerate(zip(questions[start:end], outcomes, strict=True), start):
-                results.append(self._result(question, outcome, config, key, stats))
-            start, batch = end, batch + 1
-            if progress:
-                progress(len(results))
-        return results
+        core = self.core
+        states = []
+        for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
+            prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
+            state = Problem(i, key, question, config.num_particles, core.prompt_ids(question), prm_prompt)
+            self._check_fits(state, config)
+            states.append(state)
+        return self._stream(states, policy, config)
 
-    def _blocks_needed(self, question: str, config: SearchConfig) -> int:
-        """Worst-case blocks of one problem: its prompt once, then every particle's own tokens.
+    def _stream(self, states, policy, config) -> Iterator[tuple[int, "Result"]]:
+        core = self.core
+        core.begin(StepRules(config.sampling, config.seed, config.max_steps, config.max_step_tokens,
+                             config.max_new_tokens, config.stop_at_boxed), config.step_delimiter)
+        core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
+        scheduler = Scheduler(core, policy, config, states, self.bytes_per_block)
+        for problem in scheduler.run():
+            yield problem.index, self._result(problem, config)
 
-        Ancestor sampling adds a transient copy of every particle carrying the
-        reference's future, and a reference spliced onto a longer prefix (up to
-        twice the tokens): 2N + 1 particles' worth.
-        """
+    def _check_fits(self, problem: Problem, config: SearchConfig) -> None:
+        """OutOfBlocksError unless the problem fits alone at its minimum: its prompt, and for
+        every particle one block to share plus one step of its own."""
         bs = self.block_size
-        prompt_blocks = -(-len(self.core.prompt_ids(question)) // bs)
-        copies = config.num_particles
-        if config.algorithm == "particle_gibbs" and config.ancestor_sampling:
-            copies = 2 * config.num_particles + 1
-        need = prompt_blocks + copies * (-(-config.max_new_tokens // bs) + 1)
-        if self.core.prm_runner is not None:
-            # PRM tokens: its own tokenization (up to twice the policy's) and one marker per step
-            prm_own = -(-(2 * config.max_new_tokens + config.max_steps) // bs) + 1
-            need = max(need, 2 * prompt_blocks + copies * prm_own)
-        return need
+        step_blocks = -(-config.max_step_tokens // bs) + 1
+        need = -(-len(problem.prompt_ids) // bs) + config.num_particles * step_blocks
+        if problem.prm_prompt_ids is not None:
+            need = max(need, -(-len(problem.prm_prompt_ids) // bs) + config.num_particles * step_blocks)
+        capacity = self.policy.manager.num_blocks
+        if need > capacity:
+            raise OutOfBlocksError(
+                f"problem {problem.index} needs at least {need} KV blocks ({size(need * self.bytes_per_block)}) "
+                f"with {config.num_particles} particles of up to {config.max_step_tokens} tokens a step, but "
+                f"kv_cache_memory ({size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory or lower "
+                f"num_particles / max_step_tokens")
 
-    def _result(self, question, outcome, config, key, stats) -> Result:
-        texts = ["".join(p.steps) for p in outcome.particles]
-        weights = outcome.weights
+    def _result(self, problem: Problem, config: SearchConfig) -> Result:
+        n = problem.num_particles
+        steps = [problem.steps(slot) for slot in range(n)]
+        texts = ["".join(s) for s in steps]
+        weights = problem.weights.tolist()
         answers = [extract_answer(t) for t in texts]
         if config.final_answer == "vote" or config.algorithm == "self_consistency":
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
         elif config.final_answer == "sampled":
-            rng = np.random.default_rng([config.seed, key])
-            chosen = int(rng.choice(len(weights), p=np.asarray(weights) / np.sum(weights)))
+            rng = np.random.default_rng([config.seed, problem.key])
+            chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:
             chosen = int(np.argmax(weights))
             answer = answers[chosen]
-        return Result(question, answer, texts[chosen], list(outcome.particles[chosen].steps), weights, texts,
-                      outcome.tree, [p.node for p in outcome.particles], chosen, dict(stats))
+        stats = {"tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
+                 "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
+                 "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
+                 "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
+        return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
+                      problem.leaf.tolist(), chosen, stats)
+
+
+def _keys(problems) -> list[int]:
+    """Each problem's name in the random streams: its "key" where a dict gives one, else its index."""
+    keys = [p.get("key", i) if isinstance(p, dict) else i for i, p in enumerate(problems)]
+    for i, key in enumerate(keys):
+        if not isinstance(key, int) or not 0 <= key < MAX_PROBLEMS:
+            raise ValueError(f"problem {i}: key must be an int in [0, {MAX_PROBLEMS}) (its name in the random "
+                             f"streams), got {key!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("two problems share a key: they would draw the same random numbers")
+    return keys
 
 
 def _question(problem, index: int) -> str:

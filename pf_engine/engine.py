@@ -1,40 +1,40 @@
-"""The step loop's parts: start problems, expand every live particle by one step,
-score the step, resample; the policy's and the PRM's KV caches fork together.
+"""The engine's phases: place a problem's particles in the KV caches (from its prompt,
+or rebuilt from its search tree after a preemption), decode one token for every
+writing particle of every problem, end a problem's round (its steps' texts and
+tree nodes), score the new steps, weigh, and follow the chosen ancestors.
 
-Every draw is keyed by (problem, round, slot, token in step) as pf_engine.philox
-lays it out, so a particle's tokens do not depend on how problems were batched.
+The policy's and the PRM's sequences fork together. Every draw is keyed by
+(problem, round, slot, token in step) as pf_engine.philox lays it out, so a
+particle's tokens depend neither on batching nor on preemption.
+
+State lives in two places::
+
+    Problem   durable, at the start of its current round: the tree, each
+              particle's newest node, finished flag, token count, running
+              aggregate; enough to rebuild its particles from scratch
+    Rows      scratch of the round in flight, one row per placed particle, in
+              arrays: sequence ids, the step's tokens, step-end automata,
+              hidden state of the newest token (its logits come from it)
 """
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from pf_engine.answers import boxed_answer
-from pf_engine.philox import RESAMPLE_TOKEN, philox_key, philox_uniform, search_uniforms
+from pf_engine.philox import (
+    ROUND_BITS,
+    SLOT_BITS,
+    TOKEN_BITS,
+    philox_uniform,
+)
 from pf_engine.prm import ModelPRM, RulePRM
-from pf_engine.resample import ResampleOutput, resample
+from pf_engine.resample import ResampleOutput, ResampleParams, resample
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
-
-
-@dataclass
-class Particle:
-    problem: int  # index of its problem in the engine's current batch
-    slot: int  # position among its problem's particles
-    seq_id: int  # policy sequence
-    prm_seq_id: int | None  # PRM sequence (model PRMs only)
-    logits: torch.Tensor  # [vocab] float32 logits of the next token
-    steps: list[str] = field(default_factory=list)
-    step_ids: list[list[int]] = field(default_factory=list)  # token ids of each step
-    step_tokens: list[int] = field(default_factory=list)  # the step being written
-    num_tokens: int = 0  # generated so far
-    node: int = -1  # tree node of its newest step
-    finished: bool = False
-    forced: list[int] | None = None  # particle Gibbs: the next step is replayed from these tokens, not sampled
-    forced_finishes: bool = False  # ... and the particle finishes after it
+from pf_engine.step_end import StepEndTables, advance_boxed, token_texts
 
 
 @dataclass
@@ -52,6 +52,144 @@ class TreeNode:
     finished: bool = False
     iteration: int = 0  # particle Gibbs: the sweep that wrote it
     reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRules:
+    """How particles write steps (from SearchConfig)."""
+
+    sampling: SamplingParams
+    seed: int
+    max_steps: int
+    max_step_tokens: int
+    max_new_tokens: int
+    stop_at_boxed: bool
+
+
+@dataclass(eq=False)
+class Problem:
+    """One problem's search. The arrays hold each particle (slot) as it was at the start of
+    the current round; a preempted problem is rebuilt from them and its tree.
+
+    NOTE: ``rows`` is None while the problem waits (never placed, or preempted);
+    once placed, row ``rows[slot]`` of the engine's Rows holds the slot's
+    sequences and the round in flight, and the problem owns those sequences
+    (and ``root``, its prompt) until it is evicted or finishes.
+    """
+
+    index: int  # position in the call (its tree nodes carry it)
+    key: int  # its name in the random streams
+    question: str
+    num_particles: int
+    prompt_ids: list[int]
+    prm_prompt_ids: list[int] | None
+    sweep: int = 0
+    step: int = 0  # round within the sweep
+    tree: list[TreeNode] = field(default_factory=list)
+    node_tokens: list[list[int]] = field(default_factory=list)  # policy token ids of each node
+    rows: np.ndarray | None = None
+    root: int | None = None  # policy sequence of the prompt
+    prm_root: int | None = None
+    root_hidden: torch.Tensor | None = None  # hidden state of the prompt's last token
+    num_writing: int = 0  # rows still writing this round's step
+    forced: dict = field(default_factory=dict)  # particle Gibbs: slot -> (token ids, finishes) replayed this round
+    committed: tuple | None = None  # the state before the round being ended, until it is final
+    extra: dict = field(default_factory=dict)  # the selection policy's own state
+    tokens_generated: int = 0
+    prm_tokens: int = 0
+    ancestor_tokens: int = 0
+    recomputed_tokens: int = 0  # policy tokens prefilled again to rebuild after a preemption
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.new_sweep()
+
+    def new_sweep(self) -> None:
+        """Every particle back at the prompt (the first sweep, or particle Gibbs' next)."""
+        n = self.num_particles
+        self.step = 0
+        self.leaf = np.full(n, -1, dtype=np.int64)
+        self.finished = np.zeros(n, dtype=bool)
+        self.num_tokens = np.zeros(n, dtype=np.int64)
+        self.boxed = np.zeros((n, 2), dtype=np.int64)  # \\boxed{ tracker: (chars matched, open braces)
+        self.aggregates = torch.zeros(n)
+        self.num_steps = torch.zeros(n, dtype=torch.int32)
+        self.weights = torch.full((n,), 1.0 / n)
+
+    def round_(self, max_steps: int) -> int:
+        """The round's number in the random streams."""
+        return self.sweep * max_steps + self.step
+
+    def path(self, slot: int) -> list[int]:
+        """Node ids of a particle's steps, first to newest."""
+        nodes, node = [], int(self.leaf[slot])
+        while node >= 0:
+            nodes.append(node)
+            node = self.tree[node].parent
+        return nodes[::-1]
+
+    def steps(self, slot: int) -> list[str]:
+        return [self.tree[n].text for n in self.path(slot)]
+
+    def step_ids(self, slot: int) -> list[list[int]]:
+        return [self.node_tokens[n] for n in self.path(slot)]
+
+    @property
+    def placed(self) -> bool:
+        return self.rows is not None
+
+
+class Rows:
+    """Generation state of every placed particle, one row each (grown on demand).
+
+    Per-token work reads and writes these arrays for all writing rows at once.
+    """
+
+    def __init__(self, max_step_tokens: int, hidden_size: int, dtype, device):
+        self.max_step_tokens = max_step_tokens
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.capacity = 0
+        self.free: list[int] = []
+        self._grow(64)
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+
+        def extend(name, shape, dtype, fill=0):
+            array = np.full((capacity, *shape), fill, dtype=dtype)
+            if old:
+                array[:old] = getattr(self, name)
+            setattr(self, name, array)
+
+        for name, dtype in (("seq_id", np.int64), ("prm_seq_id", np.int64), ("key", np.int64),
+                            ("slot", np.int64), ("round", np.int64), ("problem", np.int64),
+                            ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
+                            ("forced_len", np.int64)):
+            extend(name, (), dtype)
+        for name in ("writing", "finished", "forcing", "forced_finishes"):
+            extend(name, (), bool)
+        extend("boxed", (2,), np.int64)
+        extend("tokens", (self.max_step_tokens,), np.int64)
+        extend("forced_tokens", (self.max_step_tokens,), np.int64)
+        hidden = torch.zeros(capacity, self.hidden_size, dtype=self.dtype, device=self.device)
+        if old:
+            hidden[:old] = self.hidden
+        self.hidden = hidden
+        self.free.extend(range(capacity - 1, old - 1, -1))
+        self.capacity = capacity
+
+    def take(self, n: int) -> np.ndarray:
+        if len(self.free) < n:
+            self._grow(max(2 * self.capacity, self.capacity + n))
+        taken = [self.free.pop() for _ in range(n)]
+        return np.array(taken, dtype=np.int64)
+
+    def give_back(self, rows: np.ndarray) -> None:
+        self.writing[rows] = False
+        self.free.extend(rows.tolist())
 
 
 def _timed(phase: str):
@@ -72,7 +210,7 @@ def _timed(phase: str):
 
 
 class ParticleEngine:
-    """Runs particles of many problems as one batch on a policy (and optional PRM) runner.
+    """Runs the particles of many problems on a policy (and optional PRM) runner.
 
     prm: None, a RulePRM, or a ModelPRM (ClassHeadPRM, TokenPairPRM) on its own runner.
     """
@@ -84,12 +222,16 @@ class ParticleEngine:
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self.stats = {"tokens_generated": 0, "prm_tokens": 0, "ancestor_tokens": 0, "peak_blocks": 0,
-                      "peak_prm_blocks": 0,
-                      "seconds_prefill": 0.0, "seconds_expand": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
+        # peaks since the call began; forwards and sequences fed for occupancy; seconds per phase
+        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "decode_forwards": 0, "decode_sequences": 0,
+                      "seconds_prefill": 0.0, "seconds_decode": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
                       "seconds_ancestors": 0.0}
+        self._texts: list[str] | None = None
+        self._tables: dict[str, StepEndTables] = {}
+        self.rows: Rows | None = None
+        self.rules: StepRules | None = None
 
-    # -- prompts ---------------------------------------------------------------
+    # -- set-up ----------------------------------------------------------------
     def prompt_ids(self, question: str) -> list[int]:
         return _chat_prompt(self.tokenizer, question)
 
@@ -97,118 +239,354 @@ class ParticleEngine:
         """What a model PRM reads before the first step."""
         return _chat_prompt(self.prm_tokenizer, question)
 
+    def step_end_tables(self, delimiter: str) -> StepEndTables:
+        """The per-token tables for ``delimiter``, built once per engine and delimiter."""
+        if delimiter not in self._tables:
+            if self._texts is None:
+                self._texts = token_texts(self.tokenizer, self.policy.vocab_size)
+            self._tables[delimiter] = StepEndTables(self._texts, delimiter, self.eos_ids)
+        return self._tables[delimiter]
+
+    def begin(self, rules: StepRules, delimiter: str) -> None:
+        """Get ready for one call's problems (fresh rows; the step-end tables of its delimiter)."""
+        self.rules = rules
+        self.tables = self.step_end_tables(delimiter)
+        hidden_size = self.policy.model.config.hidden_size
+        self.rows = Rows(rules.max_step_tokens, hidden_size, self.policy.kv_cache.kv.dtype, self.policy.device)
+
+    # -- placing and evicting problems -------------------------------------------
     @_timed("prefill")
-    def start(self, questions: list[str], num_particles: int) -> list[Particle]:
-        """Prefill each prompt once (one batched forward), then fork it into ``num_particles``."""
-        prompts = [self.prompt_ids(q) for q in questions]
-        roots = [self.policy.manager.allocate(0) for _ in prompts]
-        logits = self.policy.logits(self.policy.forward(roots, prompts)[ModelRunner.last_token_index(prompts)])
-        prm_roots = [None] * len(prompts)
+    def place(self, problem: Problem) -> None:
+        """Give ``problem`` rows and sequences: prefill its prompt and fork it, or, for a preempted
+        problem, rebuild each particle from its tree (shared prefixes once, then forks).
+
+        Raises OutOfBlocksError with nothing allocated when a pool is too small.
+        """
+        created: list[tuple[object, int]] = []  # (manager, seq) made here, freed again on failure
+        try:
+            self._place(problem, created)
+        except BaseException:
+            for manager, seq in reversed(created):
+                manager.free(seq)
+            problem.root = problem.prm_root = problem.root_hidden = None
+            if problem.rows is not None:
+                self.rows.give_back(problem.rows)
+                problem.rows = None
+            raise
+        self.note_blocks()
+
+    def _place(self, problem: Problem, created: list) -> None:
+        bm = self.policy.manager
+        problem.root = bm.allocate(0)
+        created.append((bm, problem.root))
+        hidden = self.policy.forward([problem.root], [problem.prompt_ids])
+        problem.root_hidden = hidden[-1]
+        seqs, hiddens = self._rebuild(self.policy, problem, problem.root, problem.root_hidden,
+                                      lambda node: problem.node_tokens[node], created)
+        prm_seqs = [None] * problem.num_particles
         if self.prm_runner is not None:
-            prm_prompts = [self.prm_prompt_ids(q) for q in questions]
-            prm_roots = [self.prm_runner.manager.allocate(0) for _ in prm_prompts]
-            self.prm_runner.forward(prm_roots, prm_prompts)
-            self.stats["prm_tokens"] += sum(map(len, prm_prompts))
-        particles = []
-        for b, (root, prm_root) in enumerate(zip(roots, prm_roots, strict=True)):
-            for slot in range(num_particles):
-                seq = root if slot == 0 else self.policy.manager.fork(root)
-                prm_seq = prm_root if slot == 0 or prm_root is None else self.prm_runner.manager.fork(prm_root)
-                particles.append(Particle(b, slot, seq, prm_seq, logits[b]))
-        self._note_blocks()
-        return particles
+            pm = self.prm_runner.manager
+            problem.prm_root = pm.allocate(0)
+            created.append((pm, problem.prm_root))
+            self.prm_runner.forward([problem.prm_root], [problem.prm_prompt_ids])
+            problem.prm_tokens += len(problem.prm_prompt_ids)
+            prm_seqs, _ = self._rebuild(self.prm_runner, problem, problem.prm_root, None,
+                                        self._prm_node_tokens(problem), created)
+        rows = self.rows.take(problem.num_particles)
+        problem.rows = rows
+        r = self.rows
+        r.seq_id[rows] = seqs
+        r.prm_seq_id[rows] = [-1 if s is None else s for s in prm_seqs]
+        r.key[rows] = problem.key
+        r.slot[rows] = np.arange(problem.num_particles)
+        r.problem[rows] = problem.index
+        r.hidden[torch.from_numpy(rows)] = torch.stack(hiddens)
 
-    # -- expand ----------------------------------------------------------------
-    @_timed("expand")
-    def expand(self, particles: list[Particle], keys: list[int], round_: int, sampling: SamplingParams, seed: int,
-               delimiter: str, max_step_tokens: int, max_new_tokens: int, stop_at_boxed: bool) -> list[Particle]:
-        """Decode one step for every unfinished particle; returns those that wrote a step.
+    def blocks_to_place(self, problem: Problem) -> int:
+        """Policy blocks :meth:`place` takes (about): the prompt, each node the live particles'
+        paths share, and one block per particle for its next tokens."""
+        return self._blocks(problem, len(problem.prompt_ids), lambda node: len(problem.node_tokens[node]),
+                            self.policy.manager.block_size)
 
-        A particle with ``forced`` tokens replays them as its step (particle Gibbs'
-        reference): the step ends after them whatever the delimiter and the token
-        caps say, and EOS or a boxed answer among them still finish it.
+    def prm_blocks_to_place(self, problem: Problem) -> int:
+        """:meth:`blocks_to_place` for the PRM's pool (its step tokens estimated by the policy's, plus a marker)."""
+        return self._blocks(problem, len(problem.prm_prompt_ids), lambda node: len(problem.node_tokens[node]) + 1,
+                            self.prm_runner.manager.block_size)
+
+    @staticmethod
+    def _blocks(problem: Problem, prompt_tokens: int, node_tokens, block_size: int) -> int:
+        live = [slot for slot in range(problem.num_particles) if not problem.finished[slot]]
+        nodes = {node for slot in live for node in problem.path(slot)}
+        return (-(-prompt_tokens // block_size) + problem.num_particles
+                + sum(-(-node_tokens(node) // block_size) + 1 for node in nodes))
+
+    def _prm_node_tokens(self, problem: Problem):
+        marker = self.prm.marker_id
+        return lambda node: self.prm_tokenizer.encode(problem.tree[node].text, add_special_tokens=False) + [marker]
+
+    def _rebuild(self, runner: ModelRunner, problem: Problem, root: int, root_hidden, node_tokens, created):
+        """Each particle's sequence on ``runner``: the nodes of its path prefilled once per node
+        (depth by depth, forks of their parents), then one fork per particle. A finished
+        particle never reads its cache again and gets an empty sequence."""
+        bm = runner.manager
+        paths = {slot: problem.path(slot) for slot in range(problem.num_particles) if not problem.finished[slot]}
+        needed = sorted({node for path in paths.values() for node in path}, key=lambda n: problem.tree[n].depth)
+        seq_of, hidden_of = {-1: root}, {-1: root_hidden}
+        start = 0
+        while start < len(needed):
+            depth = problem.tree[needed[start]].depth
+            end = start
+            while end < len(needed) and problem.tree[needed[end]].depth == depth:
+                end += 1
+            level = needed[start:end]
+            seqs = []
+            for node in level:
+                seqs.append(bm.fork(seq_of[problem.tree[node].parent]))
+                created.append((bm, seqs[-1]))
+            tokens = [node_tokens(node) for node in level]
+            hidden = runner.forward(seqs, tokens)
+            if runner is self.prm_runner:
+                problem.prm_tokens += sum(map(len, tokens))
+            else:
+                problem.recomputed_tokens += sum(map(len, tokens))
+            last = ModelRunner.last_token_index(tokens)
+            for i, node in enumerate(level):
+                seq_of[node], hidden_of[node] = seqs[i], hidden[last[i]]
+            start = end
+        out_seqs, out_hidden = [], []
+        for slot in range(problem.num_particles):
+            top = paths[slot][-1] if paths.get(slot) else -1
+            if slot in paths:
+                out_seqs.append(bm.fork(seq_of[top]))
+            else:
+                out_seqs.append(bm.allocate(0))
+            created.append((bm, out_seqs[-1]))
+            out_hidden.append(hidden_of[top] if slot in paths else root_hidden)
+        for node in needed:  # the particles hold what they need
+            bm.free(seq_of[node])
+            created.remove((bm, seq_of[node]))
+        return out_seqs, [root_hidden if h is None else h for h in out_hidden]
+
+    def evict(self, problem: Problem) -> None:
+        """Free every sequence and row of a placed problem (preemption, or the end of its search)."""
+        if problem.rows is None:
+            return
+        r = self.rows
+        for seq in r.seq_id[problem.rows].tolist():
+            self.policy.manager.free(seq)
+        self.policy.manager.free(problem.root)
+        if self.prm_runner is not None:
+            for seq in r.prm_seq_id[problem.rows].tolist():
+                self.prm_runner.manager.free(seq)
+            self.prm_runner.manager.free(problem.prm_root)
+        r.give_back(problem.rows)
+        problem.rows = problem.root = problem.prm_root = problem.root_hidden = None
+        problem.num_writing = 0
+
+    def restart_sweep(self, problem: Problem) -> None:
+        """Particle Gibbs' next sweep: every particle a fresh fork of the prompt."""
+        bm = self.policy.manager
+        r, rows = self.rows, problem.rows
+        for row in rows.tolist():
+            bm.free(int(r.seq_id[row]))
+            r.seq_id[row] = bm.fork(problem.root)
+            if self.prm_runner is not None:
+                self.prm_runner.manager.free(int(r.prm_seq_id[row]))
+                r.prm_seq_id[row] = self.prm_runner.manager.fork(problem.prm_root)
+        r.hidden[torch.from_numpy(rows)] = problem.root_hidden
+        problem.sweep += 1
+        problem.new_sweep()
+
+    # -- a round -----------------------------------------------------------------
+    def begin_round(self, problem: Problem) -> None:
+        """Every live particle of ``problem`` starts writing its next step."""
+        problem.committed = None
+        r, rows, rules = self.rows, problem.rows, self.rules
+        r.writing[rows] = ~problem.finished
+        r.finished[rows] = problem.finished
+        r.step_len[rows] = 0
+        r.delim[rows] = 0
+        r.num_tokens[rows] = problem.num_tokens
+        r.boxed[rows] = problem.boxed
+        r.round[rows] = problem.round_(rules.max_steps)
+        r.forcing[rows] = False
+        for slot, (ids, finishes) in problem.forced.items():
+            row = rows[slot]
+            r.forcing[row], r.forced_finishes[row], r.forced_len[row] = True, finishes, len(ids)
+            r.forced_tokens[row, :len(ids)] = ids
+        problem.num_writing = int((~problem.finished).sum())
+
+    @_timed("decode")
+    def sample(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Draw the next token of every writing row and apply the step-end rules.
+
+        Returns (tokens, feed, stopped): the rows' tokens, which rows go on to the
+        model (all but those whose particle finished), and which stopped writing
+        (step ended or particle finished).
         """
-        active = [p for p in particles if not p.finished]
-        for p in active:
-            p.step_tokens = []
-        writing = active
-        while writing:
-            logits = torch.stack([p.logits for p in writing])
-            offsets = philox_key([keys[p.problem] for p in writing], round_, [p.slot for p in writing],
-                                 [len(p.step_tokens) for p in writing])
-            tokens = sample(logits, sampling, uniforms=philox_uniform(seed, offsets)).tolist()
-            feed, still = [], []
-            for p, token in zip(writing, tokens, strict=True):
-                if p.forced is not None:
-                    token = p.forced[len(p.step_tokens)]
-                p.step_tokens.append(token)
-                p.num_tokens += 1
-                if token in self.eos_ids:
-                    p.finished = True
-                    continue
-                text = self.tokenizer.decode(p.step_tokens, skip_special_tokens=True)
-                if stop_at_boxed and boxed_answer(text) is not None:
-                    p.finished = True
-                    continue
-                if p.forced is not None:
-                    step_done = len(p.step_tokens) == len(p.forced)
-                    if step_done and p.forced_finishes:
-                        p.finished = True
-                        continue
-                elif p.num_tokens >= max_new_tokens:
-                    p.finished = True
-                    continue
-                else:
-                    step_done = delimiter in text or len(p.step_tokens) >= max_step_tokens
-                feed.append(p)
-                if not step_done:
-                    still.append(p)
-            self.stats["tokens_generated"] += len(writing)
-            if feed:
-                hidden = self.policy.forward([p.seq_id for p in feed], [[p.step_tokens[-1]] for p in feed])
-                for p, row in zip(feed, self.policy.logits(hidden), strict=True):
-                    p.logits = row
-                self._note_blocks()
-            writing = still
-        for p in active:
-            p.steps.append(self.tokenizer.decode(p.step_tokens, skip_special_tokens=True))
-            p.step_ids.append(p.step_tokens)
-            p.forced, p.forced_finishes = None, False
-        return active
+        r, rules, tables = self.rows, self.rules, self.tables
+        step_len = r.step_len[rows]
+        keys = ((r.key[rows] << (ROUND_BITS + SLOT_BITS + TOKEN_BITS)) | (r.round[rows] << (SLOT_BITS + TOKEN_BITS))
+                | (r.slot[rows] << TOKEN_BITS) | step_len)
+        hidden = r.hidden[torch.from_numpy(rows)]
+        logits = self.policy.logits(hidden)
+        uniforms = philox_uniform(rules.seed, torch.from_numpy(keys))
+        tokens = sample(logits, rules.sampling, uniforms=uniforms.to(logits.device)).cpu().numpy()
+        forcing = r.forcing[rows]
+        if forcing.any():
+            forced_rows = rows[forcing]
+            tokens[forcing] = r.forced_tokens[forced_rows, step_len[forcing]]
+        r.tokens[rows, step_len] = tokens
+        step_len += 1
+        r.step_len[rows] = step_len
+        num_tokens = r.num_tokens[rows] + 1
+        r.num_tokens[rows] = num_tokens
+        finished = tables.eos[tokens]
+        if rules.stop_at_boxed:
+            slow = tables.backslash[tokens] | (r.boxed[rows] != 0).any(axis=1)
+            if slow.any():
+                finished[slow] |= advance_boxed(tables.texts, tokens[slow], r.boxed[:, 0], r.boxed[:, 1], rows[slow])
+        state = r.delim[rows]
+        matched = tables.matched[tokens, state]
+        r.delim[rows] = tables.next_state[tokens, state]
+        step_done = matched | (step_len >= rules.max_step_tokens)
+        finished |= ~forcing & (num_tokens >= rules.max_new_tokens)
+        if forcing.any():
+            replayed = step_len[forcing] == r.forced_len[rows[forcing]]
+            step_done[forcing] = replayed
+            finished[forcing] |= replayed & r.forced_finishes[rows[forcing]]
+        r.finished[rows] = finished
+        stopped = finished | step_done
+        r.writing[rows] = ~stopped
+        return tokens, ~finished, stopped
 
-    # -- score -----------------------------------------------------------------
+    @_timed("decode")
+    def feed(self, rows: np.ndarray, tokens: np.ndarray) -> None:
+        """Run the model on each row's newest token; keep its hidden state for the next draw."""
+        if len(rows) == 0:
+            return
+        hidden = self.policy.run(self.rows.seq_id[rows], np.ones(len(rows), dtype=np.int64), tokens)
+        self.rows.hidden[torch.from_numpy(rows)] = hidden
+        self.stats["decode_forwards"] += 1
+        self.stats["decode_sequences"] += len(rows)
+        self.note_blocks()
+
+    def step_texts(self, problems: list[Problem]) -> list[list[tuple[int, list[int], str]]]:
+        """The step each live particle of each problem wrote this round: (slot, token ids, text)."""
+        r = self.rows
+        stepped = [[s for s in range(p.num_particles) if not p.finished[s]] for p in problems]
+        ids = [r.tokens[p.rows[s], :r.step_len[p.rows[s]]].tolist() for p, slots in zip(problems, stepped,
+                                                                                           strict=True)
+               for s in slots]
+        texts = self.decode(ids) if ids else []
+        out, i = [], 0
+        for slots in stepped:
+            out.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
+            i += len(slots)
+        return out
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;
+        in one call of a fast tokenizer's backend (transformers' batch_decode inspects every id)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = backend.decode_batch(ids, skip_special_tokens=True)
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            texts = [self.tokenizer.clean_up_tokenization(t) for t in texts]
+        return texts
+
+    def commit_round(self, problem: Problem, steps: list[tuple[int, list[int], str]]) -> list[int]:
+        """The round's steps join the tree and the particles' durable state; returns their nodes."""
+        r, rows = self.rows, problem.rows
+        problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.num_tokens,
+                             problem.boxed)
+        nodes = []
+        for slot, ids, text in steps:
+            row = rows[slot]
+            parent = int(problem.leaf[slot])
+            depth = problem.tree[parent].depth + 1 if parent >= 0 else 0
+            node = TreeNode(len(problem.tree), problem.index, parent, depth, text, finished=bool(r.finished[row]),
+                            iteration=problem.sweep, reference=slot in problem.forced)
+            problem.tree.append(node)
+            problem.node_tokens.append(ids)
+            problem.leaf[slot] = node.node
+            nodes.append(node.node)
+        problem.finished = r.finished[rows].copy()
+        problem.num_tokens = r.num_tokens[rows].copy()
+        problem.boxed = r.boxed[rows].copy()
+        problem.forced = {}
+        return nodes
+
+    def rollback(self, problem: Problem) -> None:
+        """Take back the round :meth:`commit_round` added, if the problem has not moved past it."""
+        if problem.committed is None:
+            return
+        size, problem.leaf, problem.finished, problem.num_tokens, problem.boxed = problem.committed
+        del problem.tree[size:], problem.node_tokens[size:]
+        problem.committed = None
+
     @_timed("score")
-    def score(self, questions: list[str], particles: list[Particle],
-              scored: list[Particle]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """PRM output of the newest step of each particle in ``scored``.
+    def score(self, problems: list[Problem], steps: list[list[tuple[int, list[int], str]]]):
+        """PRM output of the newest step of every particle that wrote one.
 
-        Returns (prm_output for every particle, live mask, reward kind); rows of
-        particles not scored hold zeros and are not read by the kernel.
+        Returns (prm_output for every particle of ``problems``, live mask, reward kind);
+        rows of particles that wrote nothing hold zeros and are not read. Model PRMs
+        append each step and a marker to the particle's PRM sequence (all or nothing).
         """
-        if self.prm is None:
-            raise ValueError("this search needs a PRM: pass prm= to the Engine")
-        index = {id(p): i for i, p in enumerate(particles)}
-        rows = torch.tensor([index[id(p)] for p in scored], dtype=torch.long)
-        live = torch.zeros(len(particles), dtype=torch.bool)
-        live[rows] = True
+        n = problems[0].num_particles
+        flat = [(b, slot, ids, text) for b, stepped in enumerate(steps) for slot, ids, text in stepped]
+        index = torch.tensor([b * n + slot for b, slot, _, _ in flat], dtype=torch.long)
+        live = torch.zeros(len(problems) * n, dtype=torch.bool)
+        live[index] = True
         if isinstance(self.prm, RulePRM):
-            out = torch.zeros(len(particles))
-            rewards = [float(self.prm.fn(questions[p.problem], list(p.steps))) for p in scored]
-            out[rows] = torch.tensor(rewards, dtype=torch.float32)
+            out = torch.zeros(len(problems) * n)
+            rewards = [float(self.prm.fn(problems[b].question, problems[b].steps(slot) + [text]))
+                       for b, slot, _, text in flat]
+            out[index] = torch.tensor(rewards, dtype=torch.float32)
             return out, live, "reward"
-        out = torch.zeros(len(particles), 2)
-        if scored:
-            steps = [self.prm_tokenizer.encode(p.steps[-1], add_special_tokens=False) for p in scored]
-            out[rows] = self.prm.score([p.prm_seq_id for p in scored], steps).cpu()
-            self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
-            self._note_blocks()
+        out = torch.zeros(len(problems) * n, 2)
+        if flat:
+            prm_ids = [self.prm_tokenizer.encode(text, add_special_tokens=False) for _, _, _, text in flat]
+            seqs = [int(self.rows.prm_seq_id[problems[b].rows[slot]]) for b, slot, _, _ in flat]
+            out[index] = self.prm.score(seqs, prm_ids).cpu()
+            for (b, _, _, _), ids in zip(flat, prm_ids, strict=True):
+                problems[b].prm_tokens += len(ids) + 1
+            self.note_blocks()
         return out, live, self.prm.reward_kind
+
+    @_timed("resample")
+    def weigh(self, problems: list[Problem], prm_output, live, params: ResampleParams,
+              uniforms: torch.Tensor) -> ResampleOutput:
+        """Rewards, weights, ESS and ancestors for all ``problems`` in one fused call."""
+        n = problems[0].num_particles
+        seg = np.arange(len(problems) + 1) * n
+        aggregates = torch.cat([p.aggregates for p in problems])
+        num_steps = torch.cat([p.num_steps for p in problems])
+        device = self.policy.device
+        return resample(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
+                        params, uniforms=uniforms.to(device))
+
+    @_timed("resample")
+    def follow(self, problem: Problem, ancestors: np.ndarray) -> None:
+        """Slot ``j`` becomes a copy of slot ``ancestors[j]``: one resample per block manager; the
+        particles' durable state and hidden rows are gathered the same way."""
+        r, rows = self.rows, problem.rows
+        r.seq_id[rows] = self.policy.manager.resample(r.seq_id[rows], ancestors)
+        if self.prm_runner is not None:
+            r.prm_seq_id[rows] = self.prm_runner.manager.resample(r.prm_seq_id[rows], ancestors)
+        r.hidden[torch.from_numpy(rows)] = r.hidden[torch.from_numpy(rows[ancestors])]
+        for node in problem.leaf[ancestors].tolist():
+            problem.tree[node].num_children += 1
+        for name in ("leaf", "finished", "num_tokens", "boxed"):
+            setattr(problem, name, getattr(problem, name)[ancestors])
 
     # -- particle Gibbs ----------------------------------------------------------
     @_timed("ancestors")
-    def splice(self, questions: list[str], candidates: list[Particle], futures: list[list[list[int]]],
+    def splice(self, problem_of: list[Problem], slots: list[int], futures: list[list[list[int]]],
                future_texts: list[list[str]], sampling: SamplingParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """How each candidate prefix would carry a reference path's future (ancestor sampling).
+        """How each candidate prefix (``problem_of[i]``'s particle ``slots[i]``) would carry a
+        reference path's future (ancestor sampling).
 
         ``futures[i]`` / ``future_texts[i]``: token ids / texts of the steps that
         follow candidate ``i``'s prefix on the reference path (at least one). Returns
@@ -216,86 +594,65 @@ class ParticleEngine:
         - the log-likelihood of each future under the sampling distribution given
           its candidate's prefix: float64 [num_candidates];
         - for k = 0, 1, ...: the PRM output of the k-th future step of the
-          candidates whose future has one (rows in candidate order), as ``score``
-          gives it (rewards [m] for a rule PRM, logits [m, 2] for a model PRM).
+          candidates whose future has one (rows in candidate order): rewards [m]
+          for a rule PRM, logits [m, 2] for a model PRM.
 
         The candidates' sequences are forked, extended and freed: nothing stays.
         """
-        loglik = torch.zeros(len(candidates), dtype=torch.float64)
+        r = self.rows
+        rows = np.array([p.rows[s] for p, s in zip(problem_of, slots, strict=True)], dtype=np.int64)
+        loglik = torch.zeros(len(rows), dtype=torch.float64)
         tokens = [[t for step in future for t in step] for future in futures]
-        forks = [self.policy.manager.fork(c.seq_id) for c in candidates]
+        bm = self.policy.manager
+        forks = []
         try:
+            for seq in r.seq_id[rows].tolist():
+                forks.append(bm.fork(seq))
             hidden = self.policy.forward(forks, tokens)
-            self.stats["ancestor_tokens"] += sum(map(len, tokens))
-            self._note_blocks()
+            for p, ids in zip(problem_of, tokens, strict=True):
+                p.ancestor_tokens += len(ids)
+            self.note_blocks()
+            first = self.policy.logits(r.hidden[torch.from_numpy(rows)])
             start = 0
-            for i, (c, ids) in enumerate(zip(candidates, tokens, strict=True)):
-                rows = hidden[start:start + len(ids) - 1]  # the last token predicts nothing we need
+            for i, ids in enumerate(tokens):
+                within = hidden[start:start + len(ids) - 1]  # the last token predicts nothing we need
                 start += len(ids)
-                logits = torch.cat([c.logits[None], self.policy.logits(rows)])
+                logits = torch.cat([first[i:i + 1], self.policy.logits(within)])
                 logp = torch.log_softmax(filtered_logits(logits, sampling), dim=-1)
                 loglik[i] = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).double().sum()
         finally:
             for seq in forks:
-                self.policy.manager.free(seq)
-        return loglik, self._splice_prm(questions, candidates, future_texts)
+                bm.free(seq)
+        return loglik, self._splice_prm(problem_of, slots, rows, future_texts)
 
-    def _splice_prm(self, questions, candidates, future_texts) -> list[torch.Tensor]:
+    def _splice_prm(self, problem_of, slots, rows, future_texts) -> list[torch.Tensor]:
         depth = max(map(len, future_texts))
         if isinstance(self.prm, RulePRM):
-            return [torch.tensor([float(self.prm.fn(questions[c.problem], c.steps + texts[:k + 1]))
-                                  for c, texts in zip(candidates, future_texts, strict=True) if len(texts) > k],
-                                 dtype=torch.float32) for k in range(depth)]
-        forks = [self.prm_runner.manager.fork(c.prm_seq_id) for c in candidates]
+            return [torch.tensor([float(self.prm.fn(p.question, p.steps(s) + texts[:k + 1]))
+                                  for p, s, texts in zip(problem_of, slots, future_texts, strict=True)
+                                  if len(texts) > k], dtype=torch.float32) for k in range(depth)]
+        pm = self.prm_runner.manager
+        forks = []
         try:
+            for seq in self.rows.prm_seq_id[rows].tolist():
+                forks.append(pm.fork(seq))
             outputs = []
             for k in range(depth):
-                rows = [i for i, texts in enumerate(future_texts) if len(texts) > k]
-                steps = [self.prm_tokenizer.encode(future_texts[i][k], add_special_tokens=False) for i in rows]
-                outputs.append(self.prm.score([forks[i] for i in rows], steps).cpu())
-                self.stats["prm_tokens"] += sum(len(s) + 1 for s in steps)
+                chosen = [i for i, texts in enumerate(future_texts) if len(texts) > k]
+                steps = [self.prm_tokenizer.encode(future_texts[i][k], add_special_tokens=False) for i in chosen]
+                outputs.append(self.prm.score([forks[i] for i in chosen], steps).cpu())
+                for i, ids in zip(chosen, steps, strict=True):
+                    problem_of[i].prm_tokens += len(ids) + 1
             return outputs
         finally:
             for seq in forks:
-                self.prm_runner.manager.free(seq)
+                pm.free(seq)
 
-    # -- resample --------------------------------------------------------------
-    @_timed("resample")
-    def weigh(self, particles: list[Particle], keys: list[int], round_: int, prm_output, live, aggregates,
-              num_steps, params, seed: int, num_particles: int) -> ResampleOutput:
-        """Rewards, weights, ESS and ancestors for all problems in one fused call."""
-        num_problems = len(particles) // num_particles
-        seg = np.arange(num_problems + 1) * num_particles
-        slots = torch.arange(len(particles)) % num_particles
-        problems = torch.tensor(keys, dtype=torch.int64).repeat_interleave(num_particles)
-        uniforms = search_uniforms(seed, problems, round_, slots, RESAMPLE_TOKEN)
-        device = self.policy.device
-        return resample(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
-                        params, uniforms=uniforms.to(device))
+    def hidden_logits(self, problem: Problem, slots) -> torch.Tensor:
+        """Next-token logits of particles of a placed problem."""
+        return self.policy.logits(self.rows.hidden[torch.from_numpy(problem.rows[slots])])
 
-    @_timed("resample")
-    def follow(self, particles: list[Particle], ancestors, num_particles: int) -> list[Particle]:
-        """Replace the particles by copies of their chosen ancestors: one resample per block manager."""
-        ancestors = np.asarray(ancestors)
-        new_ids = self.policy.manager.resample([p.seq_id for p in particles], ancestors).tolist()
-        new_prm_ids = [None] * len(particles)
-        if self.prm_runner is not None:
-            new_prm_ids = self.prm_runner.manager.resample([p.prm_seq_id for p in particles], ancestors).tolist()
-        children = []
-        for j, (a, seq, prm_seq) in enumerate(zip(ancestors.tolist(), new_ids, new_prm_ids, strict=True)):
-            parent = particles[a]
-            children.append(Particle(parent.problem, j % num_particles, seq, prm_seq, parent.logits,
-                                     list(parent.steps), list(parent.step_ids), [], parent.num_tokens, parent.node,
-                                     parent.finished))
-        return children
-
-    def release(self, particles: list[Particle]) -> None:
-        for p in particles:
-            self.policy.manager.free(p.seq_id)
-            if p.prm_seq_id is not None:
-                self.prm_runner.manager.free(p.prm_seq_id)
-
-    def _note_blocks(self) -> None:
+    def note_blocks(self) -> None:
         for key, runner in (("peak_blocks", self.policy), ("peak_prm_blocks", self.prm_runner)):
             if runner is not None:
                 used = runner.manager.num_blocks - runner.manager.num_free_blocks

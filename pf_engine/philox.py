@@ -40,14 +40,14 @@ SEARCH_STREAM = 0x5DEECE66D  # xor-ed into the seed of the draws that are not to
 _M32 = 0xFFFFFFFF
 
 
-def philox_key(problem, round_: int, slot, token) -> torch.Tensor:
-    """int64 offsets of the bit layout above; ``problem``, ``slot`` and ``token`` are ints or int tensors."""
-    problem, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in (problem, slot, token))
+def philox_key(problem, round_, slot, token) -> torch.Tensor:
+    """int64 offsets of the bit layout above; each field an int or an int tensor."""
+    problem, round_, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in (problem, round_, slot, token))
     return (problem << (ROUND_BITS + SLOT_BITS + TOKEN_BITS)) | (round_ << (SLOT_BITS + TOKEN_BITS)) \
         | (slot << TOKEN_BITS) | token
 
 
-def search_uniforms(seed: int, problem, round_: int, slot, token: int) -> torch.Tensor:
+def search_uniforms(seed: int, problem, round_, slot, token: int) -> torch.Tensor:
     """Uniforms of the draws that are not tokens (resampling, particle Gibbs): the search stream
     at the reserved ``token`` field."""
     return philox_uniform(seed ^ SEARCH_STREAM, philox_key(problem, round_, slot, token))

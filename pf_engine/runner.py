@@ -36,13 +36,20 @@ class ModelRunner:
         """Append ``new_tokens[i]`` (a list of token ids) to sequence ``seq_ids[i]`` and run the model.
 
         Returns the hidden states of the new tokens, sequence after sequence:
-        [sum(len(t) for t in new_tokens), hidden_size]. Raises OutOfBlocksError
-        (nothing changed) when the cache is too small, ValueError for a token id
-        outside the vocabulary; if the forward itself fails, the sequences are
-        truncated back to their lengths before the call and the error re-raised.
+        [sum(len(t) for t in new_tokens), hidden_size]. See :meth:`run`.
         """
         counts = np.array([len(t) for t in new_tokens], dtype=np.int64)
         flat = np.fromiter((t for tokens in new_tokens for t in tokens), dtype=np.int64, count=int(counts.sum()))
+        return self.run(seq_ids, counts, flat)
+
+    def run(self, seq_ids, counts: np.ndarray, flat: np.ndarray) -> torch.Tensor:
+        """:meth:`forward` on arrays: ``counts[i]`` new tokens for ``seq_ids[i]``, all in ``flat``.
+
+        Raises OutOfBlocksError (nothing changed) when the cache is too small,
+        ValueError for a token id outside the vocabulary; if the forward itself
+        fails, the sequences are truncated back to their lengths before the call
+        and the error re-raised.
+        """
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size):
             bad = flat[(flat < 0) | (flat >= self.vocab_size)][0]
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
@@ -50,7 +57,7 @@ class ModelRunner:
         try:
             self.kv_cache.copy_blocks(copies)
             meta = build_metadata(self.manager, seq_ids, counts, slots, self.device)
-            input_ids = torch.from_numpy(flat).to(self.device)
+            input_ids = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64)).to(self.device)
             with torch.inference_mode():
                 return self.model(input_ids, meta, self.backend, self.kv_cache.kv)
         except BaseException:

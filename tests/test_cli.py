@@ -155,9 +155,9 @@ def test_a_cache_too_small_names_the_flags_and_the_memory_needed(wide_policy, pr
     args = solve_args(wide_policy, problems, tmp_path / "o.jsonl", "--verifier", "arithmetic", *ARGS)
     assert main([*args, "--kv-cache-mib", "1"]) == 2  # holds one block: 1 MiB // 0.75 MiB
     line = error_line(capsys)
-    found = re.fullmatch(r"problem 0 needs (\d+) KV blocks \(([\d.]+) MiB\) at worst with 3 particles and "
-                         r"--max-new-tokens=15, but --kv-cache-mib \(1\.0 MiB\) holds 1: raise --kv-cache-mib or "
-                         r"lower --particles / --max-new-tokens", line)
+    found = re.fullmatch(r"problem 0 needs at least (\d+) KV blocks \(([\d.]+) MiB\) with 3 particles of up to 6 "
+                         r"tokens a step, but --kv-cache-mib \(1\.0 MiB\) holds 1: raise --kv-cache-mib or lower "
+                         r"--particles / --max-step-tokens", line)
     assert found, line
     need, mib = int(found[1]), found[2]
     assert need > 1 and mib == f"{need * WIDE_BYTES_PER_BLOCK / 2**20:.1f}"

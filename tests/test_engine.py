@@ -1,22 +1,27 @@
 """The engine end to end on tiny random models: every algorithm, the tree, memory pressure, bad input."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import char_tokenizer, save_tiny_policy
+from scripted import save_table_policy
 from transformers import Qwen2Config, Qwen2Model
 
 from pf_engine import Engine, OutOfBlocksError, SearchConfig
+from pf_engine.answers import extract_answer, is_correct, weighted_vote
 from pf_engine.search.config import ALGORITHMS
+from tiny import char_tokenizer, save_tiny_policy
 
 QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?"]
 SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
 
 
 def vowel_reward(question, steps):
-    return min(1.0, 0.1 + 0.2 * sum(ch in "aeiou" for ch in steps[-1]))
+    """Strongly prefers steps with vowels (weights 1 : 19 : 361 for none, one, two or more)."""
+    return min(0.95, 0.05 + 0.45 * sum(ch in "aeiou" for ch in steps[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,59 @@ def check_tree(result, num_particles):
     leaf_texts = {path_text_by_id(by_id, n.node) for n in leaves}
     for text in result.particles:
         assert text in leaf_texts
-    assert len(result.particles) == len(result.weights) == num_particles
+    assert len(result.particles) == len(result.weights) == len(result.leaves) == num_particles
     assert sum(result.weights) == pytest.approx(1.0, abs=1e-5)
+    # leaves[i] is particle i's newest step: the path that ends there spells particle i's text
+    childless = {n.node for n in leaves}
+    for i, (leaf, text) in enumerate(zip(result.leaves, result.particles, strict=True)):
+        assert leaf in childless and path_text_by_id(by_id, leaf) == text, (i, leaf, text)
+
+
+def check_answer(result, vote: bool):
+    """Result.answer is the chosen text's answer, or for a vote the weighted vote over every particle."""
+    answers = [extract_answer(t) for t in result.particles]
+    if vote:
+        assert result.answer == weighted_vote(answers, result.weights)
+    assert result.answer == extract_answer(result.text)  # a vote's winner is a particle's own answer
+
+
+def check_generations(results, algorithm, num_particles, beam_width):
+    """num_children counts how often a step was drawn as an ancestor: each resampling round draws one
+    ancestor per particle, by the algorithm's rule.
+
+    A batch's problems share the loop, so every problem resamples after each round but the last
+    (rounds = deepest step + 1 in each sweep). A finished particle writes no more steps, so its last
+    step is drawn again each round; the per-round checks hold in the rounds before any particle of
+    the problem finished, where a round's ancestors are exactly that round's steps."""
+    counts = []
+    for iteration in sorted({n.iteration for r in results for n in r.tree}):
+        trees = [[n for n in r.tree if n.iteration == iteration] for r in results]
+        rounds = 1 + max(n.depth for tree in trees for n in tree)
+        for tree in trees:
+            assert sum(n.num_children for n in tree) == num_particles * (rounds - 1)
+            for depth in range(rounds - 1):
+                if any(n.finished and n.depth <= depth for n in tree):
+                    break
+                nodes = [n for n in tree if n.depth == depth]
+                c = [n.num_children for n in nodes]
+                counts += c
+                assert len(nodes) == sum(c) == num_particles, (depth, c)
+                if algorithm == "particle_filter":  # systematic: floor(N w) or ceil(N w) copies
+                    for n in nodes:
+                        expected = num_particles * n.weight
+                        assert math.floor(expected - 1e-4) <= n.num_children <= math.ceil(expected + 1e-4), (
+                            depth, [(m.num_children, m.weight) for m in nodes])
+                elif algorithm in ("beam_search", "dvts"):  # the kept steps, beam_width copies each
+                    assert set(c) <= {0, beam_width} and c.count(beam_width) == num_particles // beam_width
+                    kept = [n.reward for n in nodes if n.num_children]
+                    dropped = [n.reward for n in nodes if not n.num_children]
+                    if algorithm == "beam_search":
+                        assert min(kept) >= max(dropped), (kept, dropped)
+                    else:  # each kept step beat the beam_width - 1 others of its subtree: such a pairing exists
+                        pairs = zip(sorted(kept * (beam_width - 1)), sorted(dropped), strict=True)
+                        assert all(k >= d for k, d in pairs), (kept, dropped)
+    # a new generation was chosen: some steps died, some were copied
+    assert counts and min(counts) == 0 and max(counts) > 1, counts
 
 
 def path_text_by_id(by_id, node):
@@ -60,32 +116,19 @@ def test_every_algorithm_completes_with_a_consistent_tree(engine, algorithm):
     assert [r.question for r in results] == QUESTIONS
     for r in results:
         check_tree(r, 4)
+        check_answer(r, vote=algorithm == "self_consistency")
         assert r.text in r.particles and r.text == "".join(r.steps)
         assert r.stats["tokens_generated"] > 0
-    inner = [n for r in results for n in r.tree if any(c.parent == n.node for c in r.tree)]
     if algorithm in ("particle_filter", "particle_gibbs", "beam_search", "dvts"):
-        # a new generation was chosen: some steps died, some were copied
-        assert {n.num_children for r in results for n in r.tree} - {1}
+        check_generations(results, algorithm, 4, SMALL["beam_width"])
         assert all(n.reward is not None for r in results for n in r.tree)
     else:
-        assert all(n.num_children == 0 for n in inner)  # nothing was resampled
-
-
-def test_results_do_not_depend_on_batching(policy):
-    config = SearchConfig(**SMALL, seed=3)
-    roomy = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=8 << 20).solve(QUESTIONS, config)
-    tight_engine = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=96 << 10)
-    tight = tight_engine.solve(QUESTIONS, config)
-    assert [r.stats["problems_in_batch"] for r in tight] == [1, 1, 1]
-    assert [r.stats["problems_in_batch"] for r in roomy] == [3, 3, 3]
-    for a, b in zip(roomy, tight):
-        assert a.particles == b.particles and a.weights == pytest.approx(b.weights)
-    assert tight_engine.policy.manager.num_free_blocks == tight_engine.policy.manager.num_blocks
+        assert all(n.num_children == 0 for r in results for n in r.tree)  # nothing was resampled
 
 
 def test_a_problem_too_big_for_the_cache_says_how_much_it_needs(policy):
     engine = Engine(policy=policy, prm=vowel_reward, kv_cache_memory=16 << 10)
-    with pytest.raises(OutOfBlocksError, match=r"problem 0 needs \d+ KV blocks \([\d.]+ MiB\)"):
+    with pytest.raises(OutOfBlocksError, match=r"problem 0 needs at least \d+ KV blocks \([\d.]+ [KM]iB\)"):
         engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
 
 
@@ -96,8 +139,52 @@ def test_final_answers(policy):
     for final in ("best", "sampled", "vote"):
         (result,) = engine.solve(QUESTIONS[:1], SearchConfig(final_answer=final, **SMALL))
         assert result.text in result.particles
+        check_answer(result, vote=final == "vote")
     (best,) = engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
     assert best.weights[best.particles.index(best.text)] == max(best.weights)
+
+
+HALF = ["\\boxed{1/2}", "\\boxed{0.5}", "\\boxed{\\frac{1}{2}}"]  # three spellings of one answer
+THREE = "\\boxed{3}"
+
+
+@pytest.fixture(scope="module")
+def boxed_policy(tmp_path_factory):
+    """Answers at once with one of four boxed tokens, each as likely: 3 or a spelling of 1/2."""
+    folder = tmp_path_factory.mktemp("boxed")
+    save_table_policy(folder, ["?", "\n", THREE, *HALF], {"\n": {t: 0.0 for t in [THREE, *HALF]}})
+    return folder
+
+
+VOTE = dict(num_particles=11, max_steps=1, max_step_tokens=1, max_new_tokens=1)  # 11: no tied vote
+
+
+@pytest.mark.parametrize("algorithm", ["self_consistency", "best_of_n"])
+def test_the_vote_groups_equivalent_answers(boxed_policy, algorithm):
+    """Each particle answers 3 or 1/2 (spelled three ways). Self-consistency weighs particles the
+    same, so 1/2 wins where its spellings together outnumber the 3s, even where 3 is the most
+    frequent single string; best-of-n with a PRM that gives 3 odds 9 (and 1/2 odds 1) weighs each 3
+    nine times, so 3 wins where 9 * (number of 3s) > (number of 1/2s)."""
+    odds = 9 if algorithm == "best_of_n" else 1
+    engine = Engine(policy=boxed_policy, prm=lambda q, steps: 0.9 if "{3}" in steps[-1] else 0.5,
+                    kv_cache_memory=8 << 20)
+    results = engine.solve(["?"] * 12, SearchConfig(algorithm=algorithm, final_answer="vote", **VOTE))
+    decided_by = set()
+    for r in results:
+        answers = [extract_answer(t) for t in r.particles]
+        threes = answers.count("3")
+        assert threes + sum(map(answers.count, ("1/2", "0.5", "\\frac{1}{2}"))) == VOTE["num_particles"], answers
+        halves = VOTE["num_particles"] - threes
+        winner = "3" if odds * threes > halves else "1/2"
+        assert is_correct(r.answer, winner), (r.answer, answers, r.weights)
+        check_answer(r, vote=True)
+        plurality = max(set(answers), key=answers.count)  # the most frequent single string
+        if not is_correct(plurality, winner):
+            decided_by.add("grouping")
+        if (threes > halves) != (winner == "3"):
+            decided_by.add("weights")
+    # the check has teeth: some problem's winner is not the plurality string (or the unweighted winner)
+    assert decided_by >= ({"grouping", "weights"} if odds > 1 else {"grouping"}), decided_by
 
 
 @pytest.mark.parametrize(
@@ -146,28 +233,73 @@ def save_tiny_class_prm(folder):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     trunk = Qwen2Model(config)
     head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
-    weights = {f"model.{k}": v for k, v in trunk.state_dict().items()} | {f"score.{k}": v for k, v in head.state_dict().items()}
+    weights = {f"model.{k}": v for k, v in trunk.state_dict().items()}
+    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
     folder.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config.to_dict() | {"architectures": ["Qwen2ForProcessRewardModel"]}))
+    config_dict = config.to_dict() | {"architectures": ["Qwen2ForProcessRewardModel"]}
+    (folder / "config.json").write_text(json.dumps(config_dict))
     tokenizer.save_pretrained(folder)
 
 
-def test_model_prms_score_incrementally(policy, tmp_path):
+def test_model_prms_score_incrementally(policy, tmp_path, monkeypatch):
     save_tiny_class_prm(tmp_path / "class_prm")
     class_engine = Engine(policy=policy, prm=tmp_path / "class_prm", prm_separator="?", kv_cache_memory=8 << 20)
     token_engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-",
                           kv_cache_memory=8 << 20)
     for engine in (class_engine, token_engine):
+        core = engine.core
+        fed = []  # tokens of every forward the PRM ran
+
+        def counted(seq_ids, new_tokens, forward=core.prm.runner.forward, fed=fed):
+            fed.append(sum(map(len, new_tokens)))
+            return forward(seq_ids, new_tokens)
+
+        monkeypatch.setattr(core.prm.runner, "forward", counted)
         results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL))
-        for r in results:
+        # each step's tokens reached the PRM once: the prompt, then every step of the tree and its marker
+        for q, r in zip(QUESTIONS[:2], results, strict=True):
             check_tree(r, 4)
             rewards = [n.reward for n in r.tree]
             assert all(0 < x < 1 for x in rewards) and len(set(rewards)) > 1
-            # each step's tokens reached the PRM once: prompt + steps + one marker per step
-            assert r.stats["prm_tokens"] > 0
-        prm_manager = engine.core.prm.runner.manager
+            prompt = len(core.prm_prompt_ids(q))
+            steps = sum(len(core.prm_tokenizer.encode(n.text, add_special_tokens=False)) + 1 for n in r.tree)
+            assert r.stats["prm_tokens"] == prompt + steps, (r.stats["prm_tokens"], prompt, steps)
+        assert sum(r.stats["prm_tokens"] for r in results) == sum(fed)
+        prm_manager = core.prm.runner.manager
         assert prm_manager.num_free_blocks == prm_manager.num_blocks
+
+
+def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path):
+    """Every step's reward is the PRM's reading of that step's own path: a fresh forward over the
+    prompt, each step of the path and its tag. A PRM sequence that kept another particle's path
+    after resampling, or held a step twice, would read other tokens. (The PRM has large random
+    weights, so its reading depends on the whole path, not only on the newest step.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prm = tmp_path / "prm"
+    save_tiny_policy(prm, seed=3, initializer_range=0.5)
+    engine = Engine(policy=policy, prm=prm, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
+    results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL | {"num_particles": 6}))
+    hf = AutoModelForCausalLM.from_pretrained(prm, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(prm)
+    tag, good, bad = (tokenizer.encode(t, add_special_tokens=False)[0] for t in "=+-")
+    for question, r in zip(QUESTIONS[:2], results, strict=True):
+        by_id = {n.node: n for n in r.tree}
+        prompt = engine.core.prm_prompt_ids(question)
+        for n in r.tree:
+            path, node = [], n.node
+            while node >= 0:
+                path.append(by_id[node].text)
+                node = by_id[node].parent
+            steps = [tokenizer.encode(text, add_special_tokens=False) + [tag] for text in reversed(path)]
+            ids = prompt + [t for step in steps for t in step]
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids])).logits[0, -1]
+            expected = torch.sigmoid(logits[good] - logits[bad]).item()
+            assert n.reward == pytest.approx(expected, abs=1e-4), (n.node, n.depth, path)
+    # the check has teeth: steps were copied to other slots before their particles wrote on
+    assert any(n.num_children > 1 and n.depth < max(m.depth for m in r.tree) for r in results for n in r.tree)
 
 
 def test_prm_marker_must_be_one_token(policy, tmp_path):
@@ -214,31 +346,43 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
     prefix, and a model PRM's output at each spliced step, against fresh full computations."""
     from transformers import AutoModelForCausalLM
 
+    from pf_engine.engine import Problem, StepRules
     from pf_engine.sampling import filtered_logits
 
     engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
     core, config = engine.core, SearchConfig(**SMALL, temperature=0.7)
-    particles = core.start(QUESTIONS[:1], 3)
-    core.expand(particles, [0], 0, config.sampling, 0, "e", 4, 20, False)
-    core.score(QUESTIONS[:1], particles, particles)  # the PRM's sequences hold the first steps
+    # one round of three particles by hand: place, decode a step ending at "e", score it
+    core.begin(StepRules(config.sampling, 0, config.max_steps, 4, 20, False), "e")
+    problem = Problem(0, 0, QUESTIONS[0], 3, core.prompt_ids(QUESTIONS[0]), core.prm_prompt_ids(QUESTIONS[0]))
+    core.place(problem)
+    core.begin_round(problem)
+    while core.rows.writing.any():
+        rows = np.flatnonzero(core.rows.writing)
+        tokens, feed, _ = core.sample(rows)
+        core.feed(rows[feed], tokens[feed])
+    (steps,) = core.step_texts([problem])
+    core.score([problem], [steps])  # the PRM's sequences hold the first steps
+    core.commit_round(problem, steps)
+    assert not problem.finished.any()
     tok = core.tokenizer
     future_texts = ["ab e", "c1"]
     future = [tok.encode(t, add_special_tokens=False) for t in future_texts]
     free = (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks)
-    loglik, prm_outputs = core.splice(QUESTIONS[:1], particles, [future] * 3, [future_texts] * 3, config.sampling)
+    loglik, prm_outputs = core.splice([problem] * 3, [0, 1, 2], [future] * 3, [future_texts] * 3, config.sampling)
     assert (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks) == free
 
     hf = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     prompt, tag = core.prompt_ids(QUESTIONS[0]), core.prm.marker_id
     flat = [t for step in future for t in step]
-    for i, p in enumerate(particles):
-        ids = prompt + p.step_ids[0] + flat
+    for i in range(3):
+        ids = prompt + problem.step_ids(i)[0] + flat
         with torch.no_grad():
             logits = hf(torch.tensor([ids[:-1]])).logits[0, -len(flat):]
         logp = torch.log_softmax(filtered_logits(logits, config.sampling), dim=-1)
         assert loglik[i].item() == pytest.approx(logp.gather(1, torch.tensor(flat)[:, None]).sum().item(), abs=1e-3)
         # the PRM read: prompt, each step and its tag; spliced steps after the particle's own
-        prm_steps = [core.prm_tokenizer.encode(s, add_special_tokens=False) for s in [p.steps[0]] + future_texts]
+        prm_steps = [core.prm_tokenizer.encode(s, add_special_tokens=False)
+                     for s in [problem.steps(i)[0]] + future_texts]
         for k in range(len(future)):
             tokens = [t for s in prm_steps[:k + 2] for t in s + [tag]][:-1]
             seq = core.prm_runner.manager.allocate(0)
@@ -247,4 +391,5 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
             core.prm_runner.manager.free(seq)
             torch.testing.assert_close(prm_outputs[k][i], expected, atol=1e-4, rtol=1e-4)
     assert len(set(loglik.tolist())) > 1, "the candidates' prefixes do not differ: the check would be weak"
-    core.release(particles)
+    core.evict(problem)
+    assert engine.policy.manager.num_seqs == core.prm_runner.manager.num_seqs == 0

@@ -127,9 +127,12 @@ def reference_search(model, tokenizer, question, problem, cfg):
 
 def ancestor_for(model, particles, weights, ref, step_no, question, cfg, u, prompt):
     """The reference's ancestor: live particles weighed by weight x likelihood of the reference's
-    remaining steps after their prefix x the weights those spliced steps get among them."""
+    remaining steps after their prefix x the weights those spliced steps get among them. A prefix
+    that the future would carry past max_new_tokens cannot hold it (probability 0)."""
     future = ref["ids"][step_no + 1:]
-    candidates = [i for i, p in enumerate(particles) if not p["finished"] and weights[i] > 0]
+    room = cfg.max_new_tokens - sum(map(len, future))
+    candidates = [i for i, p in enumerate(particles)
+                  if not p["finished"] and weights[i] > 0 and p["generated"] <= room]
     logw = np.log(weights[candidates])
     tokens = [t for step in future for t in step]
     for j, i in enumerate(candidates):

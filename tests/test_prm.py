@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2Model
 
-from pf_engine.resample import REWARD_KINDS
 from pf_engine.models import load_model
 from pf_engine.prm import ClassHeadPRM, TokenPairPRM
+from pf_engine.resample import REWARD_KINDS
 from pf_engine.runner import ModelRunner
 
 VOCAB = 89
@@ -49,13 +49,13 @@ def run_incremental(prm, prompt, steps_per_round, ancestors):
     scored = []
     for round_, steps in enumerate(steps_per_round):
         logits = prm.score(seqs, steps)
-        for s, step, row in zip(seqs, steps, logits):
+        for s, step, row in zip(seqs, steps, logits, strict=True):
             texts[s] += step + [prm.marker_id]
             scored.append((list(texts[s]), row))
         if round_ == 1:
             parents = [seqs[a] for a in ancestors]
             seqs = bm.resample(seqs, ancestors).tolist()
-            texts = {c: list(texts[p]) for c, p in zip(seqs, parents)}
+            texts = {c: list(texts[p]) for c, p in zip(seqs, parents, strict=True)}
     return scored
 
 

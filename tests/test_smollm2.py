@@ -78,15 +78,20 @@ def test_every_algorithm_completes_on_smollm2(smollm2):
     engine = Engine(policy=smollm2, prm=arithmetic_verifier, kv_cache_memory=64 << 20)
     question = "Tom has 3 apples and buys 4 more. How many apples does he have? Show each step."
     for algorithm in ALGORITHMS:
-        config = SearchConfig(algorithm=algorithm, num_particles=2, beam_width=1, max_steps=3, max_step_tokens=6,
-                              max_new_tokens=12, seed=1)
+        # beam search keeps the best 2 of 4 and extends each 2 ways; DVTS keeps the best of each subtree of 2
+        num_particles = 4 if algorithm in ("beam_search", "dvts") else 2
+        config = SearchConfig(algorithm=algorithm, num_particles=num_particles, beam_width=2, max_steps=3,
+                              max_step_tokens=6, max_new_tokens=12, seed=1)
         (result,) = engine.solve([question], config)
-        assert len(result.particles) == 2 and result.text in result.particles, algorithm
+        assert len(result.particles) == num_particles and result.text in result.particles, algorithm
         nodes = {n.node: n for n in result.tree}
-        for leaf, text in zip(result.leaves, result.particles):
+        for leaf, text in zip(result.leaves, result.particles, strict=True):
             parts = []
             while leaf >= 0:
                 parts.append(nodes[leaf].text)
                 leaf = nodes[leaf].parent
             assert "".join(reversed(parts)) == text, algorithm
+        if algorithm in ("beam_search", "dvts"):
+            first = [n for n in nodes.values() if n.depth == 0]
+            assert len(first) == 4 and sorted(n.num_children for n in first) == [0, 0, 2, 2], algorithm
     assert engine.policy.manager.num_free_blocks == engine.policy.manager.num_blocks

@@ -1,0 +1,37 @@
+"""Deterministic selection by PRM score: beam search keeps the N / beam_width best of a
+problem and extends each beam_width ways; DVTS splits the particles into subtrees of
+beam_width and keeps the best of each."""
+
+import numpy as np
+import torch
+
+from pf_engine.search.policy import SelectionPolicy
+
+
+def top_ancestors(aggregates: torch.Tensor, group: int, beam_width: int) -> list[int]:
+    """In every group of ``group`` particles, the best ``group // beam_width`` (by aggregate,
+    ties to the lower slot), each taken ``beam_width`` times.
+
+    Beam search uses group = num_particles; DVTS uses group = beam_width (one survivor per subtree).
+    """
+    scores = aggregates.view(-1, group)
+    keep = group // beam_width
+    best = torch.topk(scores, keep, dim=1, sorted=True).indices  # [num_groups, keep]
+    base = torch.arange(scores.shape[0])[:, None] * group
+    return (best + base).repeat_interleave(beam_width, dim=1).flatten().tolist()
+
+
+class BeamSearch(SelectionPolicy):
+    def group(self) -> int:
+        return self.config.num_particles
+
+    def select(self, engine, problems, out, done):
+        n, width = self.config.num_particles, self.config.beam_width
+        aggregates = out.aggregates.cpu()
+        return [None if d else np.array(top_ancestors(aggregates[b * n:(b + 1) * n], self.group(), width))
+                for b, d in enumerate(done)]
+
+
+class DVTS(BeamSearch):
+    def group(self) -> int:
+        return self.config.beam_width

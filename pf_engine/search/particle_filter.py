@@ -1,0 +1,10 @@
+"""Particle filtering (Puri et al. 2025): score every step, resample every step (or
+when the ESS falls below the threshold) by the fused step's ancestors."""
+
+from pf_engine.search.policy import SelectionPolicy, local
+
+
+class ParticleFilter(SelectionPolicy):
+    def select(self, engine, problems, out, done):
+        n = self.config.num_particles
+        return [None if d else local(out, b, n) for b, d in enumerate(done)]

@@ -1,0 +1,212 @@
+"""Continuous batching: the same answers whatever the pool, admission order or preemptions;
+results streamed as problems finish; and every pool as it was after any failure."""
+
+import re
+
+import pytest
+import torch
+
+from pf_engine import Engine, OutOfBlocksError, SearchConfig
+from pf_engine.engine import ParticleEngine
+from pf_engine.scheduler import Scheduler
+from pf_engine.search.config import ALGORITHMS
+from tiny import save_tiny_policy
+
+QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?", "Name a color, please.", "x"]
+SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
+CONFIGS = {name: SearchConfig(algorithm=name, **SMALL) for name in ALGORITHMS} | {
+    "particle_gibbs+ancestors": SearchConfig(algorithm="particle_gibbs", ancestor_sampling=True, iterations=3,
+                                             **SMALL)}
+BLOCK_BYTES = 2 * 2 * 2 * 8 * 4 * 16  # tiny policy: layers * K/V * kv heads * head_dim * fp32 * block_size
+# Pools in blocks, from roomy to just enough for one problem (ancestor sampling needs room for its splices).
+POOLS = {"roomy": 2048, "tight": 24, "just enough": 12}
+
+
+def vowel_reward(question, steps):
+    return min(1.0, 0.1 + 0.2 * sum(ch in "aeiou" for ch in steps[-1]))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("policy")
+    save_tiny_policy(folder)
+    return folder
+
+
+def engine_with(policy, blocks, prm=vowel_reward):
+    return Engine(policy=policy, prm=prm, kv_cache_memory=blocks * BLOCK_BYTES)
+
+
+def outcome(result):
+    """What must not depend on batching: texts, weights and the tree (bar its problem index)."""
+    tree = [(n.node, n.parent, n.depth, n.text, n.reward, n.weight, n.num_children, n.finished, n.iteration,
+             n.reference) for n in result.tree]
+    return result.particles, result.weights, result.leaves, result.answer, tree
+
+
+def assert_pools_free(engine):
+    for manager in [engine.policy.manager] + ([engine.core.prm_runner.manager] if engine.core.prm_runner else []):
+        assert manager.num_free_blocks == manager.num_blocks and manager.num_seqs == 0, manager
+
+
+@pytest.fixture(scope="module")
+def alone(policy):
+    """Each problem run by itself, under its key, in a roomy pool."""
+    engine = engine_with(policy, POOLS["roomy"])
+    return {name: [outcome(engine.solve([{"problem": q, "key": i}], config)[0]) for i, q in enumerate(QUESTIONS)]
+            for name, config in CONFIGS.items()}
+
+
+# ancestor sampling's splices need more room than one problem's bare minimum
+@pytest.mark.parametrize("name,pool", [(name, pool) for name in CONFIGS for pool in POOLS
+                                       if (name, pool) != ("particle_gibbs+ancestors", "just enough")])
+def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name, pool):
+    engine = engine_with(policy, POOLS[pool])
+    results = engine.solve(QUESTIONS, CONFIGS[name])
+    assert [outcome(r) for r in results] == alone[name]
+    preemptions = sum(r.stats["preemptions"] for r in results)
+    if pool != "roomy":
+        assert preemptions > 0, "the pool was meant to force preemptions"
+    else:
+        assert preemptions == 0
+    assert_pools_free(engine)
+
+
+@pytest.mark.parametrize("name", ["particle_filter", "particle_gibbs+ancestors"])
+def test_same_answers_whatever_the_admission_order(policy, alone, name):
+    engine = engine_with(policy, POOLS["tight"])
+    order = [3, 0, 4, 2, 1]
+    results = engine.solve([{"problem": QUESTIONS[i], "key": i} for i in order], CONFIGS[name])
+    assert [outcome(r) for r in results] == [alone[name][i] for i in order]
+
+
+def test_results_stream_as_problems_finish(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    config = SearchConfig(**SMALL | {"max_steps": 2})
+    long_config_problem = "What is 2+2? " * 30  # a longer prompt, same work: order must come from finishing
+    problems = [long_config_problem] + QUESTIONS[1:]
+    streamed = list(engine.stream(problems, config))
+    assert sorted(i for i, _ in streamed) == list(range(len(problems)))
+    solved = engine.solve(problems, config, progress=(seen := []).append)
+    assert seen == list(range(1, len(problems) + 1))
+    assert [outcome(r) for r in solved] == [outcome(r) for _, r in sorted(streamed, key=lambda x: x[0])]
+    assert [r.question for r in solved] == problems
+
+
+def test_a_problem_that_cannot_fit_alone_says_how_much_it_needs(policy):
+    engine = engine_with(policy, 6)
+    with pytest.raises(OutOfBlocksError, match=r"problem 0 needs at least (\d+) KV blocks \(([\d.]+) KiB\)") as error:
+        engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
+    found = re.search(r"needs at least (\d+) KV blocks \(([\d.]+) KiB\)", str(error.value))
+    need = int(found[1])
+    assert need > 6 and float(found[2]) == round(need * BLOCK_BYTES / 1024, 1)
+    assert_pools_free(engine)
+
+
+def test_keys_are_checked(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    with pytest.raises(ValueError, match="share a key"):
+        engine.solve([{"problem": "a", "key": 1}, "b"], SearchConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"problem 0: key must be an int in \[0, 1048576\)"):
+        engine.solve([{"problem": "a", "key": -1}], SearchConfig(**SMALL))
+
+
+# -- exception safety ------------------------------------------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+# (where, how many calls succeed first): every phase of the loop, preemption and the splice
+PHASES = [
+    (ParticleEngine, "place", 2), (ParticleEngine, "sample", 5), (ParticleEngine, "feed", 7),
+    (ParticleEngine, "score", 2), (ParticleEngine, "weigh", 2), (ParticleEngine, "follow", 3),
+    (ParticleEngine, "splice", 1), (ParticleEngine, "commit_round", 3), (Scheduler, "_preempt", 1),
+]
+
+
+def token_pair_engine(policy):
+    return Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-",
+                  kv_cache_memory=POOLS["tight"] * 2 * BLOCK_BYTES)
+
+
+@pytest.mark.parametrize("owner,phase,after,error", [p + (Boom,) for p in PHASES] + [
+    (ParticleEngine, "sample", 9, KeyboardInterrupt), (ParticleEngine, "splice", 2, KeyboardInterrupt)],
+    ids=[p[1] for p in PHASES] + ["sample-interrupted", "splice-interrupted"])
+def test_a_failure_in_any_phase_leaves_every_pool_as_it_was(policy, monkeypatch, owner, phase, after, error):
+    config = CONFIGS["particle_gibbs+ancestors"]
+    engine = token_pair_engine(policy)  # a model PRM: two pools to keep clean
+    original, calls = getattr(owner, phase), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(phase)
+        if len(calls) > after:
+            raise error("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, phase, failing)
+    with pytest.raises(error, match="injected"):
+        engine.solve(QUESTIONS[:4], config)
+    assert len(calls) > after, f"{phase} was never reached {after + 1} times"
+    assert_pools_free(engine)
+    monkeypatch.setattr(owner, phase, original)
+    again = [outcome(r) for r in engine.solve(QUESTIONS[:2], config)]
+    assert again == [outcome(r) for r in token_pair_engine(policy).solve(QUESTIONS[:2], config)]
+
+
+def test_a_raising_prm_callable_leaks_nothing(policy):
+    def broken(question, steps):
+        if len(steps) == 2:
+            raise RuntimeError("verifier crashed")
+        return 0.5
+
+    engine = engine_with(policy, POOLS["roomy"], prm=broken)
+    with pytest.raises(RuntimeError, match="verifier crashed"):
+        engine.solve(QUESTIONS, SearchConfig(**SMALL))
+    assert_pools_free(engine)
+
+
+def test_closing_the_stream_early_frees_everything(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    # steps end at a frequent letter, so problems finish at different iterations
+    config = SearchConfig(num_particles=2, max_steps=3, max_step_tokens=30, step_delimiter="e", stop_at_boxed=False)
+    stream = engine.stream(QUESTIONS, config)
+    next(stream)
+    assert engine.policy.manager.num_seqs > 0  # the others are still running
+    stream.close()
+    assert_pools_free(engine)
+
+
+def test_stats_count_each_problems_own_work(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    results = engine.solve(QUESTIONS, SearchConfig(**SMALL))
+    for r in results:
+        # every token drawn is a character of some step of the tree, or an EOS that ended one
+        # (nothing was preempted and drawn twice here)
+        chars = sum(len(n.text) for n in r.tree)
+        assert chars <= r.stats["tokens_generated"] <= chars + sum(n.finished for n in r.tree)
+        assert r.stats["preemptions"] == 0 and r.stats["recomputed_tokens"] == 0
+    assert torch.tensor([r.stats["tokens_generated"] for r in results]).unique().numel() > 1
+
+
+def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, monkeypatch):
+    """``blocks_to_place`` is what admission waits for: the blocks that placing (prefill, or rebuilding
+    a preempted problem from its tree) really takes, and one block per particle for its next tokens;
+    it overshoots by at most a partly filled block per shared node and one for the prompt."""
+    engine = engine_with(policy, POOLS["tight"])
+    seen, place = [], ParticleEngine.place
+
+    def measured(self, problem):
+        before, estimate = self.policy.manager.num_free_blocks, self.blocks_to_place(problem)
+        place(self, problem)
+        used = before - self.policy.manager.num_free_blocks
+        nodes = {n for slot in range(problem.num_particles) if not problem.finished[slot]
+                 for n in problem.path(slot)}
+        seen.append((estimate, used, len(nodes), bool(problem.tree)))
+
+    monkeypatch.setattr(ParticleEngine, "place", measured)
+    engine.solve(QUESTIONS, CONFIGS["particle_filter"])
+    assert any(rebuilt for *_, rebuilt in seen), "no problem was rebuilt after a preemption"
+    n = CONFIGS["particle_filter"].num_particles
+    for estimate, used, nodes, _ in seen:
+        assert used <= estimate - n <= used + nodes + 1, (estimate, used, nodes)
