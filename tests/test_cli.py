@@ -34,12 +34,6 @@ BAD_OPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("policy")
-    save_tiny_policy(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def wide_policy(tmp_path_factory):

@@ -24,12 +24,6 @@ def vowel_reward(question, steps):
     return min(0.95, 0.05 + 0.45 * sum(ch in "aeiou" for ch in steps[-1]))
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("policy")
-    save_tiny_policy(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def engine(policy):

@@ -10,7 +10,6 @@ from pf_engine import Engine, OutOfBlocksError, SearchConfig
 from pf_engine.engine import ParticleEngine
 from pf_engine.scheduler import Scheduler
 from pf_engine.search.config import ALGORITHMS
-from tiny import save_tiny_policy
 
 QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?", "Name a color, please.", "x"]
 SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
@@ -25,12 +24,6 @@ POOLS = {"roomy": 2048, "tight": 24, "just enough": 12}
 def vowel_reward(question, steps):
     return min(1.0, 0.1 + 0.2 * sum(ch in "aeiou" for ch in steps[-1]))
 
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("policy")
-    save_tiny_policy(folder)
-    return folder
 
 
 def engine_with(policy, blocks, prm=vowel_reward):
