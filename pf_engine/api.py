@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, Problem, StepRules, TreeNode
+from pf_engine.engine import ParticleEngine, Problem, TreeNode
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
@@ -167,15 +167,15 @@ class Engine:
         states = []
         for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
             prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
-            state = Problem(i, key, question, config.num_particles, core.prompt_ids(question), prm_prompt)
+            state = Problem(index=i, key=key, question=question, num_particles=config.num_particles,
+                            prompt_ids=core.prompt_ids(question), prm_prompt_ids=prm_prompt)
             self._check_fits(state, config)
             states.append(state)
         return self._stream(states, policy, config)
 
     def _stream(self, states, policy, config) -> Iterator[tuple[int, "Result"]]:
         core = self.core
-        core.begin(StepRules(config.sampling, config.seed, config.max_steps, config.max_step_tokens,
-                             config.max_new_tokens, config.stop_at_boxed), config.step_delimiter)
+        core.begin(config.step_rules())
         core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
         scheduler = Scheduler(core, policy, config, states, self.bytes_per_block)
         for problem in scheduler.run():

@@ -67,6 +67,7 @@ class StepRules:
     max_step_tokens: int
     max_new_tokens: int
     stop_at_boxed: bool
+    delimiter: str
 
 
 @dataclass(eq=False)
@@ -140,6 +141,32 @@ class Problem:
     @property
     def placed(self) -> bool:
         return self.rows is not None
+
+
+@dataclass
+class Round:
+    """The batch the end of a round works on: problems whose live particles have all ended
+    their step, with what each phase adds. Lists hold one entry per problem, in order; the
+    PRM's tensors one row per particle, problem after problem."""
+
+    problems: list[Problem]
+    steps: list[list[tuple[int, list[int], str]]]  # (slot, token ids, text) of each live particle's step
+    nodes: list[list[int]] = field(default_factory=list)  # the tree nodes those steps became
+    done: list[bool] = field(default_factory=list)  # the problem ends its sweep
+    prm_output: torch.Tensor | None = None  # float32 [num_problems * N] rewards or [num_problems * N, 2] logits
+    live: torch.Tensor | None = None  # bool [num_problems * N]: the particle wrote a step
+    reward_kind: str | None = None
+
+    def drop(self, problem: Problem) -> None:
+        """Take ``problem`` out of the batch (it was preempted and redoes the round later)."""
+        b, n = self.problems.index(problem), problem.num_particles
+        for name in ("problems", "steps", "nodes", "done"):
+            if getattr(self, name):
+                del getattr(self, name)[b]
+        if self.prm_output is not None:
+            keep = torch.ones(self.live.shape[0], dtype=torch.bool)
+            keep[b * n:(b + 1) * n] = False
+            self.prm_output, self.live = self.prm_output[keep], self.live[keep]
 
 
 class Rows:
@@ -247,10 +274,10 @@ class ParticleEngine:
             self._tables[delimiter] = StepEndTables(self._texts, delimiter, self.eos_ids)
         return self._tables[delimiter]
 
-    def begin(self, rules: StepRules, delimiter: str) -> None:
+    def begin(self, rules: StepRules) -> None:
         """Get ready for one call's problems (fresh rows; the step-end tables of its delimiter)."""
         self.rules = rules
-        self.tables = self.step_end_tables(delimiter)
+        self.tables = self.step_end_tables(rules.delimiter)
         hidden_size = self.policy.model.config.hidden_size
         self.rows = Rows(rules.max_step_tokens, hidden_size, self.policy.kv_cache.kv.dtype, self.policy.device)
 
@@ -471,19 +498,19 @@ class ParticleEngine:
         self.stats["decode_sequences"] += len(rows)
         self.note_blocks()
 
-    def step_texts(self, problems: list[Problem]) -> list[list[tuple[int, list[int], str]]]:
-        """The step each live particle of each problem wrote this round: (slot, token ids, text)."""
+    def end_round(self, problems: list[Problem]) -> Round:
+        """The batch of ``problems`` ending a round, with the step each live particle wrote."""
         r = self.rows
         stepped = [[s for s in range(p.num_particles) if not p.finished[s]] for p in problems]
         ids = [r.tokens[p.rows[s], :r.step_len[p.rows[s]]].tolist() for p, slots in zip(problems, stepped,
                                                                                            strict=True)
                for s in slots]
         texts = self.decode(ids) if ids else []
-        out, i = [], 0
+        steps, i = [], 0
         for slots in stepped:
-            out.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
+            steps.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
             i += len(slots)
-        return out
+        return Round(problems, steps)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;
@@ -506,8 +533,9 @@ class ParticleEngine:
             row = rows[slot]
             parent = int(problem.leaf[slot])
             depth = problem.tree[parent].depth + 1 if parent >= 0 else 0
-            node = TreeNode(len(problem.tree), problem.index, parent, depth, text, finished=bool(r.finished[row]),
-                            iteration=problem.sweep, reference=slot in problem.forced)
+            node = TreeNode(node=len(problem.tree), problem=problem.index, parent=parent, depth=depth, text=text,
+                            finished=bool(r.finished[row]), iteration=problem.sweep,
+                            reference=slot in problem.forced)
             problem.tree.append(node)
             problem.node_tokens.append(ids)
             problem.leaf[slot] = node.node
@@ -527,13 +555,12 @@ class ParticleEngine:
         problem.committed = None
 
     @_timed("score")
-    def score(self, problems: list[Problem], steps: list[list[tuple[int, list[int], str]]]):
-        """PRM output of the newest step of every particle that wrote one.
-
-        Returns (prm_output for every particle of ``problems``, live mask, reward kind);
-        rows of particles that wrote nothing hold zeros and are not read. Model PRMs
-        append each step and a marker to the particle's PRM sequence (all or nothing).
-        """
+    def score(self, batch: Round) -> None:
+        """The PRM's output for the newest step of every particle that wrote one, into
+        ``batch.prm_output`` (rows of the others hold zeros and are not read), ``live`` and
+        ``reward_kind``. Model PRMs append each step and a marker to the particle's PRM
+        sequence (all or nothing)."""
+        problems, steps = batch.problems, batch.steps
         n = problems[0].num_particles
         flat = [(b, slot, ids, text) for b, stepped in enumerate(steps) for slot, ids, text in stepped]
         index = torch.tensor([b * n + slot for b, slot, _, _ in flat], dtype=torch.long)
@@ -544,7 +571,8 @@ class ParticleEngine:
             rewards = [float(self.prm.fn(problems[b].question, problems[b].steps(slot) + [text]))
                        for b, slot, _, text in flat]
             out[index] = torch.tensor(rewards, dtype=torch.float32)
-            return out, live, "reward"
+            batch.prm_output, batch.live, batch.reward_kind = out, live, "reward"
+            return
         out = torch.zeros(len(problems) * n, 2)
         if flat:
             prm_ids = [self.prm_tokenizer.encode(text, add_special_tokens=False) for _, _, _, text in flat]
@@ -553,19 +581,18 @@ class ParticleEngine:
             for (b, _, _, _), ids in zip(flat, prm_ids, strict=True):
                 problems[b].prm_tokens += len(ids) + 1
             self.note_blocks()
-        return out, live, self.prm.reward_kind
+        batch.prm_output, batch.live, batch.reward_kind = out, live, self.prm.reward_kind
 
     @_timed("resample")
-    def weigh(self, problems: list[Problem], prm_output, live, params: ResampleParams,
-              uniforms: torch.Tensor) -> ResampleOutput:
-        """Rewards, weights, ESS and ancestors for all ``problems`` in one fused call."""
-        n = problems[0].num_particles
-        seg = np.arange(len(problems) + 1) * n
-        aggregates = torch.cat([p.aggregates for p in problems])
-        num_steps = torch.cat([p.num_steps for p in problems])
+    def weigh(self, batch: Round, params: ResampleParams, uniforms: torch.Tensor) -> ResampleOutput:
+        """Rewards, weights, ESS and ancestors for every problem of a scored batch in one fused call."""
+        n = batch.problems[0].num_particles
+        seg = np.arange(len(batch.problems) + 1) * n
+        aggregates = torch.cat([p.aggregates for p in batch.problems])
+        num_steps = torch.cat([p.num_steps for p in batch.problems])
         device = self.policy.device
-        return resample(seg, prm_output.to(device), live.to(device), aggregates.to(device), num_steps.to(device),
-                        params, uniforms=uniforms.to(device))
+        return resample(seg, batch.prm_output.to(device), batch.live.to(device), aggregates.to(device),
+                        num_steps.to(device), params, uniforms=uniforms.to(device))
 
     @_timed("resample")
     def follow(self, problem: Problem, ancestors: np.ndarray) -> None:

@@ -164,44 +164,38 @@ class Scheduler:
         that finished (evicted, results ready)."""
         engine, policy, cfg = self.engine, self.policy, self.config
         n = cfg.num_particles
-        steps = engine.step_texts(ready)
-        scored = None
+        batch = engine.end_round(ready)
         if policy.scores:
             if engine.prm is None:
                 raise ValueError(f"{cfg.algorithm} needs a PRM")
             while True:
                 try:
-                    scored = engine.score(ready, steps)
+                    engine.score(batch)
                     break
                 except OutOfBlocksError:  # the PRM's pool: make room, never by preempting the oldest ready problem
-                    victim = self._preempt_newest(keep=ready[0])
-                    if victim in ready:
-                        b = ready.index(victim)
-                        del ready[b], steps[b]
-        nodes = [engine.commit_round(p, s) for p, s in zip(ready, steps, strict=True)]
-        done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in ready]
-        if scored is not None:
-            prm_output, live, kind = scored
+                    victim = self._preempt_newest(keep=batch.problems[0])
+                    if victim in batch.problems:
+                        batch.drop(victim)
+        batch.nodes = [engine.commit_round(p, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
+        batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in batch.problems]
+        if batch.prm_output is not None:
+            params = cfg.resample_params(batch.reward_kind)
             while True:
-                out = engine.weigh(ready, prm_output, live, cfg.resample_params(kind), self._resample_uniforms(ready))
+                out = engine.weigh(batch, params, self._resample_uniforms(batch.problems))
                 try:
-                    ancestors = policy.select(engine, ready, out, done)
+                    ancestors = policy.select(engine, batch, out)
                     break
                 except OutOfBlocksError:  # ancestor sampling's spliced futures: make room and weigh again
-                    victim = self._preempt_newest(keep=ready[0])
-                    if victim in ready:  # it redoes this round later; the others go on without it
-                        b = ready.index(victim)
-                        keep = torch.ones(len(ready) * n, dtype=torch.bool)
-                        keep[b * n:(b + 1) * n] = False
-                        prm_output, live = prm_output[keep], live[keep]
-                        del ready[b], steps[b], nodes[b], done[b]
+                    victim = self._preempt_newest(keep=batch.problems[0])
+                    if victim in batch.problems:  # it redoes this round later; the others go on without it
+                        batch.drop(victim)
             rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
             weight_list = weights.tolist()
-            for b, (p, stepped, new) in enumerate(zip(ready, steps, nodes, strict=True)):
+            for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
                 for (slot, _, _), node in zip(stepped, new, strict=True):
                     p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
             aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
-            for b, (p, chosen) in enumerate(zip(ready, ancestors, strict=True)):
+            for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
                 part = slice(b * n, (b + 1) * n)
                 if chosen is None:
                     p.aggregates, p.num_steps, p.weights = aggregates[part], num_steps[part], weights[part]
@@ -210,7 +204,7 @@ class Scheduler:
                     p.weights = torch.full((n,), 1.0 / n)  # the new generation weighs the same
                     engine.follow(p, chosen)
         finished = []
-        for p, d in zip(ready, done, strict=True):
+        for p, d in zip(batch.problems, batch.done, strict=True):
             if d and not policy.end_sweep(engine, p):
                 p.tokens_generated = int(self.generated[p.index])
                 engine.evict(p)

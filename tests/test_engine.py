@@ -338,25 +338,28 @@ def test_beam_search_and_dvts_keep_the_best():
 def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
     """Ancestor sampling's inputs: the LM likelihood of a reference's future after each candidate
     prefix, and a model PRM's output at each spliced step, against fresh full computations."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
 
-    from pf_engine.engine import Problem, StepRules
+    from pf_engine.engine import Problem
     from pf_engine.sampling import filtered_logits
 
     engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
     core, config = engine.core, SearchConfig(**SMALL, temperature=0.7)
     # one round of three particles by hand: place, decode a step ending at "e", score it
-    core.begin(StepRules(config.sampling, 0, config.max_steps, 4, 20, False), "e")
-    problem = Problem(0, 0, QUESTIONS[0], 3, core.prompt_ids(QUESTIONS[0]), core.prm_prompt_ids(QUESTIONS[0]))
+    core.begin(replace(config.step_rules(), max_step_tokens=4, delimiter="e"))
+    problem = Problem(index=0, key=0, question=QUESTIONS[0], num_particles=3,
+                      prompt_ids=core.prompt_ids(QUESTIONS[0]), prm_prompt_ids=core.prm_prompt_ids(QUESTIONS[0]))
     core.place(problem)
     core.begin_round(problem)
     while core.rows.writing.any():
         rows = np.flatnonzero(core.rows.writing)
         tokens, feed, _ = core.sample(rows)
         core.feed(rows[feed], tokens[feed])
-    (steps,) = core.step_texts([problem])
-    core.score([problem], [steps])  # the PRM's sequences hold the first steps
-    core.commit_round(problem, steps)
+    batch = core.end_round([problem])
+    core.score(batch)  # the PRM's sequences hold the first steps
+    core.commit_round(problem, batch.steps[0])
     assert not problem.finished.any()
     tok = core.tokenizer
     future_texts = ["ab e", "c1"]

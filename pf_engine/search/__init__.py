@@ -10,12 +10,14 @@ comparisons are fair:
 - self_consistency: N independent samples, no PRM; majority vote
 """
 
-from pf_engine.search.beam import DVTS, BeamSearch, top_ancestors
+from pf_engine.search.beam_search import BeamSearch, top_ancestors
+from pf_engine.search.best_of_n import BestOfN
 from pf_engine.search.config import ALGORITHMS, SearchConfig
-from pf_engine.search.independent import BestOfN, SelfConsistency
+from pf_engine.search.dvts import DVTS
 from pf_engine.search.particle_filter import ParticleFilter
 from pf_engine.search.particle_gibbs import ParticleGibbs
 from pf_engine.search.policy import SelectionPolicy
+from pf_engine.search.self_consistency import SelfConsistency
 
 POLICIES = {"particle_filter": ParticleFilter, "particle_gibbs": ParticleGibbs, "best_of_n": BestOfN,
             "beam_search": BeamSearch, "dvts": DVTS, "self_consistency": SelfConsistency}

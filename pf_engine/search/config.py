@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from pf_engine.engine import StepRules
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
@@ -103,6 +104,12 @@ class SearchConfig:
         scheme = "multinomial" if self.algorithm == "particle_gibbs" else self.scheme
         return ResampleParams(reward=reward_kind, aggregation=self.aggregation, temperature=self.weight_temperature,
                               scheme=scheme, ess_threshold=self.ess_threshold)
+
+    def step_rules(self) -> StepRules:
+        """How particles write their steps, as the engine takes it."""
+        return StepRules(sampling=self.sampling, seed=self.seed, max_steps=self.max_steps,
+                         max_step_tokens=self.max_step_tokens, max_new_tokens=self.max_new_tokens,
+                         stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter)
 
     @property
     def num_sweeps(self) -> int:

@@ -5,6 +5,6 @@ from pf_engine.search.policy import SelectionPolicy, local
 
 
 class ParticleFilter(SelectionPolicy):
-    def select(self, engine, problems, out, done):
+    def select(self, engine, batch, out):
         n = self.config.num_particles
-        return [None if d else local(out, b, n) for b, d in enumerate(done)]
+        return [None if d else local(out, b, n) for b, d in enumerate(batch.done)]

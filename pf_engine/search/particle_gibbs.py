@@ -37,8 +37,9 @@ class ParticleGibbs(SelectionPolicy):
             last = problem.step == len(ref.step_ids) - 1
             problem.forced = {0: (ref.step_ids[problem.step], ref.finished and last)}
 
-    def select(self, engine, problems, out, done):
+    def select(self, engine, batch, out):
         cfg, n = self.config, self.config.num_particles
+        problems, done = batch.problems, batch.done
         ancestors = [None if d else local(out, b, n) for b, d in enumerate(done)]
         resampled = out.resampled.cpu().tolist()
         spliced = []

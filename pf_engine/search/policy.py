@@ -4,7 +4,7 @@ lives on the Problem)."""
 
 import numpy as np
 
-from pf_engine.engine import ParticleEngine, Problem
+from pf_engine.engine import ParticleEngine, Problem, Round
 from pf_engine.resample import ResampleOutput
 from pf_engine.search.config import SearchConfig
 
@@ -20,12 +20,11 @@ class SelectionPolicy:
     def prepare_round(self, problem: Problem) -> None:
         """Before a round: set ``problem.forced`` for slots that replay given tokens."""
 
-    def select(self, engine: ParticleEngine, problems: list[Problem], out: ResampleOutput,
-               done: list[bool]) -> list[np.ndarray | None]:
-        """After a scored round of ``problems`` (weighed together in ``out``): each problem's
-        next generation as local ancestors (slot j copies slot ancestors[j]), or None to
-        keep the particles and carry their weights. ``done[b]``: problem b ends its sweep."""
-        return [None] * len(problems)
+    def select(self, engine: ParticleEngine, batch: Round, out: ResampleOutput) -> list[np.ndarray | None]:
+        """After a scored round (its problems weighed together in ``out``): each problem's next
+        generation as local ancestors (slot j copies slot ancestors[j]), or None to keep the
+        particles and carry their weights. Problems ending their sweep (``batch.done``) keep theirs."""
+        return [None] * len(batch.problems)
 
     def end_sweep(self, engine: ParticleEngine, problem: Problem) -> bool:
         """At the end of a sweep: whether the problem runs another (particle Gibbs)."""

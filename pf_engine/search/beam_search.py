@@ -1,6 +1,5 @@
-"""Deterministic selection by PRM score: beam search keeps the N / beam_width best of a
-problem and extends each beam_width ways; DVTS splits the particles into subtrees of
-beam_width and keeps the best of each."""
+"""Beam search: keep the N / beam_width best particles of a problem by PRM score and extend
+each beam_width ways (deterministic selection)."""
 
 import numpy as np
 import torch
@@ -25,13 +24,8 @@ class BeamSearch(SelectionPolicy):
     def group(self) -> int:
         return self.config.num_particles
 
-    def select(self, engine, problems, out, done):
+    def select(self, engine, batch, out):
         n, width = self.config.num_particles, self.config.beam_width
         aggregates = out.aggregates.cpu()
         return [None if d else np.array(top_ancestors(aggregates[b * n:(b + 1) * n], self.group(), width))
-                for b, d in enumerate(done)]
-
-
-class DVTS(BeamSearch):
-    def group(self) -> int:
-        return self.config.beam_width
+                for b, d in enumerate(batch.done)]

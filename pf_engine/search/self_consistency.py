@@ -1,0 +1,8 @@
+"""Self-consistency: N independent samples and no PRM; every particle weighs the same and a
+majority vote over equivalent answers picks the answer."""
+
+from pf_engine.search.policy import SelectionPolicy
+
+
+class SelfConsistency(SelectionPolicy):
+    scores = False
