@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "attention.h"
 #include "block_manager.h"
 #include "resample.h"
 
@@ -263,6 +264,23 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
       py::arg("invalid_out"),
       "One particle-filter step for all problems on the CPU (see pf_engine/resample.py); returns the number of "
       "live particles with unusable PRM output. uniforms may be 0: Philox draws.");
+  m.def(
+      "paged_decode_attention",
+      [](std::uintptr_t q, std::uintptr_t kv, std::uintptr_t block_tables, std::uintptr_t seq_lens,
+         std::uintptr_t out, int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+         int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+        pf_engine::DecodeAttention a{reinterpret_cast<const float*>(q),       reinterpret_cast<const float*>(kv),
+                                     reinterpret_cast<const int32_t*>(block_tables),
+                                     reinterpret_cast<const int32_t*>(seq_lens), reinterpret_cast<float*>(out),
+                                     num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, scale};
+        py::gil_scoped_release release;
+        pf_engine::paged_decode_attention(a, num_threads);
+      },
+      py::kw_only(), py::arg("q"), py::arg("kv"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("out"),
+      py::arg("num_seqs"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+      py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"), py::arg("num_threads"),
+      "Decode attention over a paged float32 KV cache on the CPU (see pf_engine/attention/torch_backend.py); raw "
+      "addresses of contiguous arrays.");
   m.def(
       "philox_uniforms",
       [](uint64_t seed, std::uintptr_t offsets, int64_t n, std::uintptr_t out) {

@@ -1,4 +1,5 @@
-"""The torch backend's decode path (shared prefixes read once) against its plain gather path."""
+"""The torch backend's decode paths (shared prefixes read once; the native pass over the paged
+cache) against its plain gather path."""
 
 import numpy as np
 import pytest
@@ -6,16 +7,21 @@ import torch
 
 from pf_engine import KVCache
 from pf_engine.attention import build_metadata
-from pf_engine.attention.torch_backend import CascadeDecodePlan, TorchPlan
+from pf_engine.attention.torch_backend import CascadeDecodePlan, NativeDecodePlan, TorchBackend, TorchPlan
 
 # (prompt lengths of the problems, particles per problem, decode rounds before the checked one)
 LAYOUTS = [([37], 8, 3), ([5, 16, 23], 4, 2), ([3], 1, 0), ([40, 1], 3, 5)]
 BLOCK_SIZES = [4, 16]
 
 
+# (query heads, kv heads, head dim): grouped queries, one head each, a head dim off the 8-lane sums
+HEADS = [(6, 2, 8), (3, 3, 13), (9, 3, 64)]
+
+
 @pytest.mark.parametrize("prompts,particles,rounds", LAYOUTS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_cascade_decode_equals_gathering_every_page(prompts, particles, rounds, block_size):
+@pytest.mark.parametrize("plan_class", [CascadeDecodePlan, NativeDecodePlan])
+def test_decode_paths_equal_gathering_every_page(prompts, particles, rounds, block_size, plan_class):
     gen = torch.Generator().manual_seed(block_size + rounds)
     cache = KVCache(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=256, block_size=block_size,
                     dtype=torch.float32)
@@ -40,7 +46,41 @@ def test_cascade_decode_equals_gathering_every_page(prompts, particles, rounds, 
     q = torch.randn(len(seqs), 6, 8, generator=gen)
     k, v = torch.randn(len(seqs), 2, 8, generator=gen), torch.randn(len(seqs), 2, 8, generator=gen)
     expected = TorchPlan(meta, 0.3).attend(q, k, v, cache.kv[0].clone())
-    plan = CascadeDecodePlan(meta, 0.3)
-    if particles > 1 and max(prompts) >= 2 * block_size:
+    plan = plan_class(meta, 0.3)
+    if plan_class is CascadeDecodePlan and particles > 1 and max(prompts) >= 2 * block_size:
         assert plan.prefix_mask.any(), "no prompt block was read as a shared prefix"
     torch.testing.assert_close(plan.attend(q, k, v, cache.kv[0]), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", HEADS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_heads, head_dim, threads):
+    gen = torch.Generator().manual_seed(head_dim + threads)
+    cache = KVCache(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=64, block_size=5,
+                    dtype=torch.float32)
+    cache.kv.normal_(generator=gen)
+    bm = cache.manager
+    seqs = [bm.allocate(n) for n in (1, 4, 5, 17, 33)]  # one token, a partial block, one block, several
+    ones = np.ones(len(seqs), dtype=np.int64)
+    slots, _ = bm.append(seqs, ones)
+    meta = build_metadata(bm, seqs, ones, slots, "cpu")
+    q = torch.randn(len(seqs), num_q_heads, head_dim, generator=gen)
+    k = torch.randn(len(seqs), num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(len(seqs), num_kv_heads, head_dim, generator=gen)
+    expected = TorchPlan(meta, head_dim**-0.5).attend(q, k, v, cache.kv[0].clone())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = NativeDecodePlan(meta, head_dim**-0.5).attend(q, k, v, cache.kv[0])
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_backend_takes_the_native_pass_for_float32_decode_on_the_cpu():
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=8, block_size=4, dtype=torch.float32)
+    seq = cache.manager.allocate(3)
+    slots, _ = cache.manager.append([seq], [1])
+    decode = build_metadata(cache.manager, [seq], [1], slots, "cpu")
+    assert isinstance(TorchBackend().plan(decode, 0.5, 1, 1, 4, torch.float32), NativeDecodePlan)
+    assert isinstance(TorchBackend().plan(decode, 0.5, 1, 1, 4, torch.bfloat16), CascadeDecodePlan)

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from pf_engine._native import _C
 from pf_engine.attention.metadata import AttentionMetadata
 from pf_engine.kv_cache import write_kv
 
@@ -142,11 +143,38 @@ class CascadeDecodePlan:
         return out.view(num_seqs, num_q_heads, head_dim).to(q.dtype)
 
 
+class NativeDecodePlan:
+    """Decode attention in one native pass (csrc/attention.cpp; CPU, float32): each query reads its
+    sequence's keys and values where they lie in the cache, with no gathered copy; a problem's
+    particles run side by side, so their shared prompt blocks stay in cache."""
+
+    def __init__(self, meta: AttentionMetadata, scale: float):
+        self.meta, self.scale = meta, scale
+        self.tables, self.lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+
+    def attend(self, q, k, v, kv_layer):
+        write_kv(kv_layer, self.meta.slot_mapping, k, v)
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        num_seqs, num_q_heads, head_dim = q.shape
+        _C.paged_decode_attention(
+            q=q.data_ptr(), kv=kv_layer.data_ptr(), block_tables=self.tables.data_ptr(), seq_lens=self.lens.data_ptr(),
+            out=out.data_ptr(), num_seqs=num_seqs, num_q_heads=num_q_heads, num_kv_heads=kv_layer.shape[3],
+            head_dim=head_dim, block_size=kv_layer.shape[2], max_blocks=self.tables.shape[1], scale=self.scale,
+            num_threads=torch.get_num_threads())
+        return out
+
+
 class TorchBackend:
-    """Decode batches through CascadeDecodePlan, everything else through TorchPlan."""
+    """Decode batches through NativeDecodePlan (float32 on the CPU) or CascadeDecodePlan,
+    everything else through TorchPlan."""
 
     name = "torch"
 
     def plan(self, meta: AttentionMetadata, scale: float, num_q_heads: int, num_kv_heads: int, head_dim: int,
              dtype: torch.dtype):
-        return CascadeDecodePlan(meta, scale) if meta.is_decode else TorchPlan(meta, scale)
+        if not meta.is_decode:
+            return TorchPlan(meta, scale)
+        if dtype == torch.float32 and meta.seq_lens.device.type == "cpu":
+            return NativeDecodePlan(meta, scale)
+        return CascadeDecodePlan(meta, scale)
