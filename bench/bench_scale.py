@@ -61,7 +61,10 @@ def run_engine(engine, job) -> dict:
     began = time.perf_counter()
     results = engine.solve(job["questions"], config)
     seconds = time.perf_counter() - began
-    return {"seconds": seconds, "tokens_generated": sum(r.stats["tokens_generated"] for r in results),
+    # tokens drawn in rounds a preemption made a problem redo are not counted: they were drawn again
+    kept = sum(r.stats["tokens_generated"] - r.stats["discarded_tokens"] for r in results)
+    return {"seconds": seconds, "tokens_generated": kept,
+            "tokens_discarded": sum(r.stats["discarded_tokens"] for r in results),
             "occupancy": stats["decode_sequences"] / max(stats["decode_forwards"], 1),
             "peak_blocks": max(r.stats["peak_blocks"] for r in results),
             "preemptions": sum(r.stats["preemptions"] for r in results)}

@@ -26,9 +26,10 @@ DEFAULT_KV_MEMORY_CPU = 1 << 30
 class Result:
     """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
 
-    ``stats``: the problem's own counts (tokens generated, PRM tokens prefilled, policy
-    tokens prefilled for ancestor sampling and for rebuilding after preemptions, and
-    preemptions) and the call's peak KV blocks of the policy and of a model PRM so far.
+    ``stats``: the problem's own counts (tokens generated, of which discarded when a
+    preemption made it redo a round, PRM tokens prefilled, policy tokens prefilled for
+    ancestor sampling and for rebuilding after preemptions, and preemptions) and the
+    call's peak KV blocks of the policy and of a model PRM so far.
     """
 
     question: str
@@ -215,6 +216,7 @@ class Engine:
             answer = answers[chosen]
         stats = {"tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
                  "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
+                 "discarded_tokens": problem.discarded_tokens,
                  "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
                  "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),

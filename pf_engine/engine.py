@@ -103,6 +103,7 @@ class Problem:
     prm_tokens: int = 0
     ancestor_tokens: int = 0
     recomputed_tokens: int = 0  # policy tokens prefilled again to rebuild after a preemption
+    discarded_tokens: int = 0  # tokens drawn in rounds a preemption made it redo
     num_preemptions: int = 0
 
     def __post_init__(self):

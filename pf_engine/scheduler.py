@@ -112,6 +112,7 @@ class Scheduler:
     def _preempt(self, victim: Problem) -> None:
         """Free all of ``victim``'s blocks and put it back at the front of the queue, as it was
         at the start of its round (a round it had begun to end is taken back)."""
+        victim.discarded_tokens += int(self.engine.rows.step_len[victim.rows].sum())  # the round it redoes
         self.engine.rollback(victim)
         self.engine.evict(victim)
         victim.forced = {}

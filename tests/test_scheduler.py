@@ -62,6 +62,11 @@ def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name,
         assert preemptions > 0, "the pool was meant to force preemptions"
     else:
         assert preemptions == 0
+    if name in ("best_of_n", "self_consistency"):  # no step dies: every kept token is in the tree
+        for r in results:
+            chars = sum(len(n.text) for n in r.tree)
+            kept = r.stats["tokens_generated"] - r.stats["discarded_tokens"]
+            assert chars <= kept <= chars + sum(n.finished for n in r.tree), (chars, kept)
     assert_pools_free(engine)
 
 
