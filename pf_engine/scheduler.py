@@ -34,8 +34,8 @@ from pf_engine.philox import RESAMPLE_TOKEN, search_uniforms
 from pf_engine.search.config import SearchConfig
 from pf_engine.search.policy import SelectionPolicy
 
-# Admission keeps this share of a pool free (beyond one block per writing particle) for the
-# running particles' next tokens; preemption handles what it does not cover.
+# Admission keeps this share of a pool free beyond the running round's needs (copy-on-write
+# copies, rounds that outgrow a step); preemption handles what it does not cover.
 RESERVE_FRACTION = 0.02
 
 
@@ -90,14 +90,18 @@ class Scheduler:
             self.engine.begin_round(problem)
 
     def _has_room_for(self, problem: Problem) -> bool:
-        engine = self.engine
-        writing = int(engine.rows.writing.sum())
-        needs = [engine.blocks_to_place(problem)]
+        """Whether the pools can take ``problem`` and still let every running particle, and the
+        newcomer's, finish the step it is writing: a round's needs, never a whole search's."""
+        engine, rows = self.engine, self.engine.rows
+        bs = engine.policy.manager.block_size
+        writing = np.flatnonzero(rows.writing)
+        to_write = self.config.max_step_tokens - rows.step_len[writing]
+        round_blocks = int((-(-to_write // bs)).sum()) + problem.num_particles * -(-self.config.max_step_tokens // bs)
+        needs = [engine.blocks_to_place(problem) + round_blocks]
         if engine.prm_runner is not None:
-            needs.append(engine.prm_blocks_to_place(problem))
+            needs.append(engine.prm_blocks_to_place(problem) + len(writing))
         for manager, need in zip(self.managers, needs, strict=True):
-            reserve = int(RESERVE_FRACTION * manager.num_blocks) + writing
-            if manager.num_free_blocks < need + reserve:
+            if manager.num_free_blocks < need + int(RESERVE_FRACTION * manager.num_blocks):
                 return False
         return True
 

@@ -17,8 +17,10 @@ CONFIGS = {name: SearchConfig(algorithm=name, **SMALL) for name in ALGORITHMS} |
     "particle_gibbs+ancestors": SearchConfig(algorithm="particle_gibbs", ancestor_sampling=True, iterations=3,
                                              **SMALL)}
 BLOCK_BYTES = 2 * 2 * 2 * 8 * 4 * 16  # tiny policy: layers * K/V * kv heads * head_dim * fp32 * block_size
-# Pools in blocks, from roomy to just enough for one problem (ancestor sampling needs room for its splices).
-POOLS = {"roomy": 2048, "tight": 24, "just enough": 12}
+# Pools in blocks: roomy; tight, where admission lets in more than the pool holds later and preemption
+# follows; just enough for one problem at a time (ancestor sampling needs more room for its splices).
+POOLS = {"roomy": 2048, "tight": 16, "just enough": 12}
+ANCESTOR_POOLS = {"roomy": 2048, "tight": 24}
 
 
 def vowel_reward(question, steps):
@@ -50,17 +52,17 @@ def alone(policy):
             for name, config in CONFIGS.items()}
 
 
-# ancestor sampling's splices need more room than one problem's bare minimum
-@pytest.mark.parametrize("name,pool", [(name, pool) for name in CONFIGS for pool in POOLS
-                                       if (name, pool) != ("particle_gibbs+ancestors", "just enough")])
+@pytest.mark.parametrize("name,pool", [(name, pool) for name in CONFIGS
+                                       for pool in (ANCESTOR_POOLS if "ancestors" in name else POOLS)])
 def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name, pool):
-    engine = engine_with(policy, POOLS[pool])
+    pools = ANCESTOR_POOLS if "ancestors" in name else POOLS
+    engine = engine_with(policy, pools[pool])
     results = engine.solve(QUESTIONS, CONFIGS[name])
     assert [outcome(r) for r in results] == alone[name]
     preemptions = sum(r.stats["preemptions"] for r in results)
-    if pool != "roomy":
+    if pool == "tight":
         assert preemptions > 0, "the pool was meant to force preemptions"
-    else:
+    elif pool == "roomy":
         assert preemptions == 0
     if name in ("best_of_n", "self_consistency"):  # no step dies: every kept token is in the tree
         for r in results:
@@ -72,7 +74,7 @@ def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name,
 
 @pytest.mark.parametrize("name", ["particle_filter", "particle_gibbs+ancestors"])
 def test_same_answers_whatever_the_admission_order(policy, alone, name):
-    engine = engine_with(policy, POOLS["tight"])
+    engine = engine_with(policy, (ANCESTOR_POOLS if "ancestors" in name else POOLS)["tight"])
     order = [3, 0, 4, 2, 1]
     results = engine.solve([{"problem": QUESTIONS[i], "key": i} for i in order], CONFIGS[name])
     assert [outcome(r) for r in results] == [alone[name][i] for i in order]
@@ -125,7 +127,7 @@ PHASES = [
 
 def token_pair_engine(policy):
     return Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-",
-                  kv_cache_memory=POOLS["tight"] * 2 * BLOCK_BYTES)
+                  kv_cache_memory=ANCESTOR_POOLS["tight"] * 2 * BLOCK_BYTES)
 
 
 @pytest.mark.parametrize("owner,phase,after,error", [p + (Boom,) for p in PHASES] + [
@@ -189,8 +191,9 @@ def test_stats_count_each_problems_own_work(policy):
 
 def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, monkeypatch):
     """``blocks_to_place`` is what admission waits for: the blocks that placing (prefill, or rebuilding
-    a preempted problem from its tree) really takes, and one block per particle for its next tokens;
-    it overshoots by at most a partly filled block per shared node and one for the prompt."""
+    a preempted problem from its tree) really takes, and one block per particle for its next tokens.
+    It overshoots by at most two blocks per shared node (a partly filled one, and one the rebuild held
+    for a node's own sequence and gave back once the particles had forked it) and one for the prompt."""
     engine = engine_with(policy, POOLS["tight"])
     seen, place = [], ParticleEngine.place
 
@@ -207,4 +210,4 @@ def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, monke
     assert any(rebuilt for *_, rebuilt in seen), "no problem was rebuilt after a preemption"
     n = CONFIGS["particle_filter"].num_particles
     for estimate, used, nodes, _ in seen:
-        assert used <= estimate - n <= used + nodes + 1, (estimate, used, nodes)
+        assert used <= estimate - n <= used + 2 * nodes + 1, (estimate, used, nodes)
