@@ -139,9 +139,6 @@ class Problem:
     def step_ids(self, slot: int) -> list[list[int]]:
         return [self.node_tokens[n] for n in self.path(slot)]
 
-    @property
-    def placed(self) -> bool:
-        return self.rows is not None
 
 
 @dataclass
@@ -675,10 +672,6 @@ class ParticleEngine:
         finally:
             for seq in forks:
                 pm.free(seq)
-
-    def hidden_logits(self, problem: Problem, slots) -> torch.Tensor:
-        """Next-token logits of particles of a placed problem."""
-        return self.policy.logits(self.rows.hidden[torch.from_numpy(problem.rows[slots])])
 
     def note_blocks(self) -> None:
         for key, runner in (("peak_blocks", self.policy), ("peak_prm_blocks", self.prm_runner)):
