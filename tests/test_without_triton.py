@@ -34,7 +34,8 @@ SEARCH_WITHOUT_TRITON = textwrap.dedent("""
 
 def test_a_search_runs_where_triton_cannot_be_imported(tmp_path):
     save_tiny_policy(tmp_path)
+    # run outside the source tree: there its unbuilt pf_engine/ would shadow the installed package
     env_free = subprocess.run([sys.executable, "-c", SEARCH_WITHOUT_TRITON, str(tmp_path)], capture_output=True,
-                              text=True, timeout=300, env={"PATH": "", "TRITON_INTERPRET": "0"})
+                              text=True, timeout=300, env={"PATH": "", "TRITON_INTERPRET": "0"}, cwd=tmp_path)
     assert env_free.returncode == 0, env_free.stderr[-3000:]
     assert "searched without triton" in env_free.stdout
