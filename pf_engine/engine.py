@@ -380,17 +380,14 @@ class ParticleEngine:
             start = end
         out_seqs, out_hidden = [], []
         for slot in range(problem.num_particles):
-            top = paths[slot][-1] if paths.get(slot) else -1
-            if slot in paths:
-                out_seqs.append(bm.fork(seq_of[top]))
-            else:
-                out_seqs.append(bm.allocate(0))
+            top = paths[slot][-1] if paths.get(slot) else -1  # -1: the prompt (or a finished particle)
+            out_seqs.append(bm.fork(seq_of[top]) if slot in paths else bm.allocate(0))
             created.append((bm, out_seqs[-1]))
-            out_hidden.append(hidden_of[top] if slot in paths else root_hidden)
+            out_hidden.append(hidden_of[top])
         for node in needed:  # the particles hold what they need
             bm.free(seq_of[node])
             created.remove((bm, seq_of[node]))
-        return out_seqs, [root_hidden if h is None else h for h in out_hidden]
+        return out_seqs, out_hidden
 
     def evict(self, problem: Problem) -> None:
         """Free every sequence and row of a placed problem (preemption, or the end of its search)."""
