@@ -78,7 +78,8 @@ CUDA_HOME = cuda_home_to_build()
 ext_modules = [
     Pybind11Extension(
         "pf_engine._C",
-        ["csrc/block_manager.cpp", "csrc/resample.cpp", "csrc/attention.cpp", "csrc/bindings.cpp"],
+        ["csrc/block_manager.cpp", "csrc/resample.cpp", "csrc/attention.cpp", "csrc/sampling.cpp",
+         "csrc/bindings.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         # No code here reads floating-point exception flags; without this the compiler

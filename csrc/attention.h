@@ -18,7 +18,12 @@ struct DecodeAttention {
 };
 
 // out = softmax(q k^T * scale) v per sequence and query head (query head h reads
-// kv head h / (num_q_heads / num_kv_heads)), split over num_threads threads.
+// kv head h / (num_q_heads / num_kv_heads)).
+// Sequences are split over num_threads threads in runs of about equal token counts.
 void paged_decode_attention(const DecodeAttention& a, int num_threads);
+
+// Which pass runs for head_dim on this CPU: "avx512" (one sweep, online softmax; head_dim a
+// multiple of 16 up to 128) or "portable".
+const char* decode_attention_pass(int64_t head_dim);
 
 }  // namespace pf_engine

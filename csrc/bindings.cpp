@@ -1,5 +1,5 @@
-// pf_engine._C: declarations and argument conversion only; logic lives in block_manager.cpp
-// and resample.cpp.
+// pf_engine._C: declarations and argument conversion only; logic lives in block_manager.cpp,
+// resample.cpp, attention.cpp and sampling.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -7,6 +7,7 @@
 #include "attention.h"
 #include "block_manager.h"
 #include "resample.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 using pf_engine::BlockManager;
@@ -281,6 +282,20 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
       py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"), py::arg("num_threads"),
       "Decode attention over a paged float32 KV cache on the CPU (see pf_engine/attention/torch_backend.py); raw "
       "addresses of contiguous arrays.");
+  m.def("decode_attention_pass", &pf_engine::decode_attention_pass, py::kw_only(), py::arg("head_dim"),
+        "The pass paged_decode_attention runs for head_dim on this CPU: \"avx512\" or \"portable\".");
+  m.def(
+      "inverse_cdf_sample",
+      [](std::uintptr_t probs, std::uintptr_t uniforms, int64_t num_rows, int64_t vocab, std::uintptr_t out,
+         int num_threads) {
+        py::gil_scoped_release release;
+        pf_engine::inverse_cdf_sample(reinterpret_cast<const float*>(probs), reinterpret_cast<const float*>(uniforms),
+                                      num_rows, vocab, reinterpret_cast<int64_t*>(out), num_threads);
+      },
+      py::kw_only(), py::arg("probs"), py::arg("uniforms"), py::arg("num_rows"), py::arg("vocab"), py::arg("out"),
+      py::arg("num_threads"),
+      "out[r] = searchsorted(cumsum(float64(probs[r])), uniforms[r] * total, right=True), at most vocab - 1 (see "
+      "pf_engine/sampling.py); raw addresses of contiguous CPU arrays: probs float32, uniforms float32, out int64.");
   m.def(
       "philox_uniforms",
       [](uint64_t seed, std::uintptr_t offsets, int64_t n, std::uintptr_t out) {

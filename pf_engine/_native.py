@@ -5,8 +5,8 @@
 - ``HAS_TRITON`` / ``TRITON_INTERPRET``: Triton importable; kernels run under
   its CPU interpreter when ``TRITON_INTERPRET=1`` was set before import.
 - ``HAS_FLASHINFER``: flashinfer importable (every call of it needs CUDA).
-- ``block_copy_impl`` / ``resample_impl``: which code copies KV blocks and runs
-  the fused resampling step on a device. (The attention backend is chosen by
+- ``block_copy_impl`` / ``resample_impl`` / ``linear_impl``: which code copies KV
+  blocks, runs the fused resampling step and the models' linear layers on a device. (The attention backend is chosen by
   ``pf_engine.attention.get_backend``, which asks this module.)
 """
 
@@ -45,7 +45,11 @@ if torch.cuda.is_available() and not HAS_CUDA_EXT:
 
 # What the self-check prints for each implementation.
 IMPL_NAMES = {"cuda_ext": "CUDA extension", "triton": "Triton kernel", "torch": "torch indexing",
-              "native": "native CPU pass"}
+              "native": "native CPU pass", "onednn": "oneDNN, prepacked weights", "torch_linear": "torch linear"}
+
+# oneDNN's linear over a prepacked weight: torch's own CPU ops (what its compiler uses when freezing).
+HAS_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def block_copy_impl(device: torch.device | str) -> str:
@@ -61,10 +65,17 @@ def resample_impl(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "native"
 
 
-def kernels(device: torch.device | str) -> dict[str, str]:
-    """The implementations above for ``device``, in words, for the self-check."""
+def linear_impl(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What runs a model's linear layers: "onednn" (prepacked) for float32/bfloat16 on the CPU, else "torch_linear"."""
+    cpu = torch.device(device).type == "cpu"
+    return "onednn" if cpu and HAS_ONEDNN_LINEAR and dtype in (torch.float32, torch.bfloat16) else "torch_linear"
+
+
+def kernels(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """The implementations above for ``device`` (and a model of ``dtype``), in words, for the self-check."""
     return {"block copies": IMPL_NAMES[block_copy_impl(device)],
-            "resampling step": IMPL_NAMES[resample_impl(device)]}
+            "resampling step": IMPL_NAMES[resample_impl(device)],
+            "linear layers": IMPL_NAMES[linear_impl(device, dtype)]}
 
 
 def summary() -> dict:

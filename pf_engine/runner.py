@@ -5,6 +5,7 @@ import torch
 
 from pf_engine.attention import build_metadata, get_backend
 from pf_engine.kv_cache import KVCache
+from pf_engine.models.linear import pack_linears
 from pf_engine.models.llama import head_dim
 
 
@@ -27,6 +28,7 @@ class ModelRunner:
             dtype=kv_dtype or param.dtype, device=self.device,
         )
         self.backend = get_backend(backend, self.device)
+        self.linear_impl = pack_linears(model)
 
     @property
     def manager(self):

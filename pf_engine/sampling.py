@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pf_engine._native import _C
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -54,6 +56,27 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = filtered_logits(logits, params).softmax(dim=-1)
     if uniforms is None:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return inverse_cdf(probs, uniforms.to(probs.device, torch.float32))
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row r's first token whose float64 running sum of ``probs`` exceeds ``uniforms[r]`` times the row's total.
+
+    probs: float32 [num_rows, vocab]; uniforms: float32 [num_rows]; returns int64 [num_rows],
+    at most vocab - 1. On the CPU one native pass (csrc/sampling.cpp) gives exactly what
+    :func:`inverse_cdf_reference` gives, without the float64 copy and running sums of every row.
+    """
+    if probs.device.type != "cpu":
+        return inverse_cdf_reference(probs, uniforms)
+    probs, uniforms = probs.contiguous(), uniforms.contiguous()
+    out = torch.empty(probs.shape[0], dtype=torch.int64)
+    _C.inverse_cdf_sample(probs=probs.data_ptr(), uniforms=uniforms.data_ptr(), num_rows=probs.shape[0],
+                          vocab=probs.shape[1], out=out.data_ptr(), num_threads=torch.get_num_threads())
+    return out
+
+
+def inverse_cdf_reference(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """:func:`inverse_cdf` in torch: float64 running sums, searched with ``right=True``."""
     cdf = probs.double().cumsum(dim=-1)
-    points = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, points, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    points = uniforms.to(torch.float64)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, points, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pf_engine import KVCache
+from pf_engine._native import _C
 from pf_engine.attention import build_metadata
 from pf_engine.attention.torch_backend import CascadeDecodePlan, NativeDecodePlan, TorchBackend, TorchPlan
 
@@ -15,7 +16,10 @@ BLOCK_SIZES = [4, 16]
 
 
 # (query heads, kv heads, head dim): grouped queries, one head each, a head dim off the 8-lane sums
-HEADS = [(6, 2, 8), (3, 3, 13), (9, 3, 64)]
+# (these two take the portable pass); one 16-lane vector, SmolLM2's heads, 128-wide (the AVX-512 pass)
+HEADS = [(6, 2, 8), (3, 3, 13), (2, 1, 16), (9, 3, 64), (8, 2, 128)]
+# one token, a partial block, one block, several; one 16-token chunk, one more, many chunks
+SEQ_LENS = [1, 4, 5, 17, 33, 16, 32, 150]
 
 
 @pytest.mark.parametrize("prompts,particles,rounds", LAYOUTS)
@@ -56,11 +60,11 @@ def test_decode_paths_equal_gathering_every_page(prompts, particles, rounds, blo
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_heads, head_dim, threads):
     gen = torch.Generator().manual_seed(head_dim + threads)
-    cache = KVCache(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=64, block_size=5,
+    cache = KVCache(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=128, block_size=5,
                     dtype=torch.float32)
     cache.kv.normal_(generator=gen)
     bm = cache.manager
-    seqs = [bm.allocate(n) for n in (1, 4, 5, 17, 33)]  # one token, a partial block, one block, several
+    seqs = [bm.allocate(n - 1) for n in SEQ_LENS]
     ones = np.ones(len(seqs), dtype=np.int64)
     slots, _ = bm.append(seqs, ones)
     meta = build_metadata(bm, seqs, ones, slots, "cpu")
@@ -75,6 +79,12 @@ def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_avx512_pass_runs_where_the_cpu_has_it():
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert [_C.decode_attention_pass(head_dim=d) for d in (16, 64, 128)] == ["avx512" if avx512 else "portable"] * 3
+    assert [_C.decode_attention_pass(head_dim=d) for d in (8, 13, 144)] == ["portable"] * 3
 
 
 def test_the_backend_takes_the_native_pass_for_float32_decode_on_the_cpu():

@@ -47,10 +47,14 @@ def test_a_machine_without_cuda_reports_none():
 
 
 def test_what_runs_where(monkeypatch):
-    assert _native.kernels("cpu") == {"block copies": "torch indexing", "resampling step": "native CPU pass"}
+    onednn = "oneDNN, prepacked weights" if torch.backends.mkldnn.is_available() else "torch linear"
+    assert _native.kernels("cpu") == {"block copies": "torch indexing", "resampling step": "native CPU pass",
+                                      "linear layers": onednn}
+    assert _native.kernels("cpu", torch.float16)["linear layers"] == "torch linear"
     for built, copies in ((True, "CUDA extension"), (False, "Triton kernel")):
         monkeypatch.setattr(_native, "HAS_CUDA_EXT", built)
-        assert _native.kernels("cuda:0") == {"block copies": copies, "resampling step": "Triton kernel"}
+        assert _native.kernels("cuda:0", torch.bfloat16) == {"block copies": copies, "resampling step": "Triton kernel",
+                                                            "linear layers": "torch linear"}
 
 
 def test_selfcheck_names_what_it_uses_and_passes(capsys):

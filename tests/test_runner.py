@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pf_engine import OutOfBlocksError
+from pf_engine import OutOfBlocksError, _native
 from pf_engine.models import load_model
 from pf_engine.runner import ModelRunner
-from pf_engine.sampling import SamplingParams, sample
+from pf_engine.sampling import SamplingParams, inverse_cdf, inverse_cdf_reference, sample
 
 VOCAB = 101
 # (architecture, tied embeddings): GQA everywhere (4 query heads, 2 KV heads)
@@ -313,3 +313,43 @@ def test_inverse_cdf_sampling_follows_its_uniforms():
     draws = sample(logits[:1].expand(20000, -1), SamplingParams(), uniforms=u)
     freq = torch.bincount(draws, minlength=4).float() / 20000
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+# (rows, vocab): one entry, fewer rows than a native group of 8, a group and a bit, a real vocabulary
+INVERSE_CDF_SHAPES = [(1, 1), (3, 5), (9, 7), (13, 1000), (16, 49152)]
+
+
+@pytest.mark.parametrize("rows,vocab", INVERSE_CDF_SHAPES)
+@pytest.mark.parametrize("spread", [0.1, 3.0, 30.0])
+def test_native_inverse_cdf_equals_the_float64_running_sums(rows, vocab, spread):
+    gen = torch.Generator().manual_seed(rows * vocab)
+    probs = (torch.randn(rows, vocab, generator=gen) * spread).softmax(-1)
+    probs[rows // 2, ::3] = 0.0  # tokens without mass never drawn
+    u = torch.rand(rows, generator=gen)
+    u[0] = 0.0
+    u[-1] = 1.0 - 2**-24  # the largest float32 below 1: the point may round up to the total
+    expected = inverse_cdf_reference(probs, u)
+    actual = inverse_cdf(probs, u)
+    differ = (actual != expected).nonzero().flatten().tolist()
+    assert not differ, f"{len(differ)} of {rows} rows differ, first {differ[:5]}"
+    # every point that lands exactly on a running sum takes the next token (right=True)
+    cdf = probs.double().cumsum(-1)
+    on_step = (cdf[:, vocab // 2] / cdf[:, -1]).float()
+    exact = (on_step.double() * cdf[:, -1] == cdf[:, vocab // 2])
+    assert torch.equal(inverse_cdf(probs, on_step)[exact], inverse_cdf_reference(probs, on_step)[exact])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_layers_run_packed_where_onednn_does(checkpoint, dtype):
+    model, _ = load_model(checkpoint[1], dtype=dtype)
+    runner = ModelRunner(model, num_blocks=8)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert runner.linear_impl == _native.linear_impl("cpu", dtype)
+    onednn = runner.linear_impl == "onednn"
+    assert onednn == (dtype != torch.float16 and torch.backends.mkldnn.is_available())
+    assert all((m.packed is not None) == onednn for m in linears), "every linear layer packed, or none"
+    gen = torch.Generator().manual_seed(0)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    for m in linears:
+        x = torch.randn(7, m.in_features, generator=gen).to(dtype)
+        torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), **tolerance)
