@@ -1,5 +1,5 @@
-"""The torch backend's decode paths (shared prefixes read once; the native pass over the paged
-cache) against its plain gather path."""
+"""The torch backend's fast paths (the native pass over the paged cache, for decode and prefill;
+shared prefixes read once) against its plain gather path."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import torch
 from pf_engine import KVCache
 from pf_engine._native import _C
 from pf_engine.attention import build_metadata
-from pf_engine.attention.torch_backend import CascadeDecodePlan, NativeDecodePlan, TorchBackend, TorchPlan
+from pf_engine.attention.torch_backend import CascadeDecodePlan, NativePlan, TorchBackend, TorchPlan
 
 # (prompt lengths of the problems, particles per problem, decode rounds before the checked one)
 LAYOUTS = [([37], 8, 3), ([5, 16, 23], 4, 2), ([3], 1, 0), ([40, 1], 3, 5)]
@@ -24,7 +24,7 @@ SEQ_LENS = [1, 4, 5, 17, 33, 16, 32, 150]
 
 @pytest.mark.parametrize("prompts,particles,rounds", LAYOUTS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("plan_class", [CascadeDecodePlan, NativeDecodePlan])
+@pytest.mark.parametrize("plan_class", [CascadeDecodePlan, NativePlan])
 def test_decode_paths_equal_gathering_every_page(prompts, particles, rounds, block_size, plan_class):
     gen = torch.Generator().manual_seed(block_size + rounds)
     cache = KVCache(num_layers=1, num_kv_heads=2, head_dim=8, num_blocks=256, block_size=block_size,
@@ -75,10 +75,36 @@ def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        actual = NativeDecodePlan(meta, head_dim**-0.5).attend(q, k, v, cache.kv[0])
+        actual = NativePlan(meta, head_dim**-0.5).attend(q, k, v, cache.kv[0])
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+# (tokens already cached, new tokens) per sequence of one batch: prompts, chunks after a cached
+# prefix, single decode tokens beside them
+MIXED_BATCHES = [[(0, 1)], [(0, 37)], [(0, 5), (12, 1), (3, 16), (40, 33)], [(7, 2), (0, 150)]]
+
+
+@pytest.mark.parametrize("batch", MIXED_BATCHES)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", HEADS)
+def test_native_prefill_equals_the_masked_gather(batch, num_q_heads, num_kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(len(batch) + head_dim)
+    cache = KVCache(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=128, block_size=5,
+                    dtype=torch.float32)
+    cache.kv.normal_(generator=gen)
+    bm = cache.manager
+    seqs = [bm.allocate(cached) for cached, _ in batch]
+    counts = np.array([new for _, new in batch], dtype=np.int64)
+    slots, _ = bm.append(seqs, counts)
+    meta = build_metadata(bm, seqs, counts, slots, "cpu")
+    n = int(counts.sum())
+    q = torch.randn(n, num_q_heads, head_dim, generator=gen)
+    k, v = (torch.randn(n, num_kv_heads, head_dim, generator=gen) for _ in range(2))
+    expected = TorchPlan(meta, head_dim**-0.5).attend(q, k, v, cache.kv[0].clone())
+    plan = TorchBackend().plan(meta, head_dim**-0.5, num_q_heads, num_kv_heads, head_dim, torch.float32)
+    assert isinstance(plan, NativePlan)
+    torch.testing.assert_close(plan.attend(q, k, v, cache.kv[0]), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_the_avx512_pass_runs_where_the_cpu_has_it():
@@ -92,5 +118,9 @@ def test_the_backend_takes_the_native_pass_for_float32_decode_on_the_cpu():
     seq = cache.manager.allocate(3)
     slots, _ = cache.manager.append([seq], [1])
     decode = build_metadata(cache.manager, [seq], [1], slots, "cpu")
-    assert isinstance(TorchBackend().plan(decode, 0.5, 1, 1, 4, torch.float32), NativeDecodePlan)
+    assert isinstance(TorchBackend().plan(decode, 0.5, 1, 1, 4, torch.float32), NativePlan)
     assert isinstance(TorchBackend().plan(decode, 0.5, 1, 1, 4, torch.bfloat16), CascadeDecodePlan)
+    slots, _ = cache.manager.append([seq], [3])
+    prefill = build_metadata(cache.manager, [seq], [3], slots, "cpu")
+    assert isinstance(TorchBackend().plan(prefill, 0.5, 1, 1, 4, torch.float32), NativePlan)
+    assert isinstance(TorchBackend().plan(prefill, 0.5, 1, 1, 4, torch.bfloat16), TorchPlan)

@@ -143,14 +143,26 @@ class CascadeDecodePlan:
         return out.view(num_seqs, num_q_heads, head_dim).to(q.dtype)
 
 
-class NativeDecodePlan:
-    """Decode attention in one native pass (csrc/attention.cpp; CPU, float32): each query reads its
-    sequence's keys and values where they lie in the cache, with no gathered copy; a problem's
-    particles run side by side, so their shared prompt blocks stay in cache."""
+class NativePlan:
+    """Paged attention in one native pass (csrc/attention.cpp; CPU, float32), decode and prefill alike.
+
+    Each new token is a query row that reads its sequence's keys and values up to its own
+    position, where they lie in the cache: no gathered copy, no mask. A problem's particles run
+    side by side, so their shared prompt blocks stay in cache::
+
+        seq 0: 5 tokens, 2 new   ->  rows: (table of seq 0, 4 keys), (table of seq 0, 5 keys)
+        seq 1: 9 tokens, 1 new   ->        (table of seq 1, 9 keys)
+    """
 
     def __init__(self, meta: AttentionMetadata, scale: float):
         self.meta, self.scale = meta, scale
-        self.tables, self.lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+        if meta.is_decode:
+            self.tables, self.lens = meta.block_tables.contiguous(), meta.seq_lens.contiguous()
+        else:
+            q_lens = (meta.query_start[1:] - meta.query_start[:-1]).long()
+            owner = torch.repeat_interleave(torch.arange(meta.num_seqs), q_lens)
+            self.tables = meta.block_tables[owner].contiguous()
+            self.lens = (meta.positions + 1).to(torch.int32)
 
     def attend(self, q, k, v, kv_layer):
         write_kv(kv_layer, self.meta.slot_mapping, k, v)
@@ -166,15 +178,13 @@ class NativeDecodePlan:
 
 
 class TorchBackend:
-    """Decode batches through NativeDecodePlan (float32 on the CPU) or CascadeDecodePlan,
+    """Float32 on the CPU through NativePlan; elsewhere decode batches through CascadeDecodePlan and
     everything else through TorchPlan."""
 
     name = "torch"
 
     def plan(self, meta: AttentionMetadata, scale: float, num_q_heads: int, num_kv_heads: int, head_dim: int,
              dtype: torch.dtype):
-        if not meta.is_decode:
-            return TorchPlan(meta, scale)
         if dtype == torch.float32 and meta.seq_lens.device.type == "cpu":
-            return NativeDecodePlan(meta, scale)
-        return CascadeDecodePlan(meta, scale)
+            return NativePlan(meta, scale)
+        return CascadeDecodePlan(meta, scale) if meta.is_decode else TorchPlan(meta, scale)
