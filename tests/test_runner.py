@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM
 
 from pf_engine import OutOfBlocksError, _native
 from pf_engine.models import load_model
@@ -15,7 +16,19 @@ from pf_engine.sampling import SamplingParams, inverse_cdf, inverse_cdf_referenc
 
 VOCAB = 101
 # (architecture, tied embeddings): GQA everywhere (4 query heads, 2 KV heads)
-MODELS = [("llama", True), ("llama", False), ("qwen2", False), ("qwen2", True)]
+MODELS = [("llama", True), ("llama", False), ("qwen2", False), ("qwen2", True), ("granite", True),
+          ("phi3", False), ("qwen3", True)]
+# What each family adds to the common shape, at values far from Llama's so that a part left out shows:
+# Granite's four scalars, Phi-3's partial rotary (fused weights come with the class), Qwen3's head_dim
+# apart from hidden_size / heads (its q/k norms come with the class).
+FAMILY_SETTINGS = {
+    "llama": {}, "qwen2": {},
+    "granite": dict(embedding_multiplier=2.5, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
+    "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                 pad_token_id=0),
+    "qwen3": dict(head_dim=32),
+}
+HF_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "granite": "Granite", "phi3": "Phi3", "qwen3": "Qwen3"}
 PROMPT_LENGTHS = [1, 7, 13]
 ATOL = 2e-5
 
@@ -24,12 +37,12 @@ def tiny_config(arch, tied):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=tied)
-    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    return getattr(transformers, HF_CLASSES[arch] + "Config")(**common, **FAMILY_SETTINGS[arch])
 
 
 def save_tiny(arch, tied, folder, seed=0, **save_kwargs):
     torch.manual_seed(seed)
-    hf_cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    hf_cls = getattr(transformers, HF_CLASSES[arch] + "ForCausalLM")
     hf = hf_cls(tiny_config(arch, tied)).eval()
     hf.save_pretrained(folder, **save_kwargs)
     return hf
@@ -276,6 +289,17 @@ def test_length_dependent_rope_is_refused(tmp_path):
         load_model(tmp_path)
 
 
+def test_phi3_longrope_is_refused(tmp_path):
+    factors = [1.0] * 4  # one per rotated frequency pair: head_dim 16 x partial factor 0.5 / 2
+    config = tiny_config("phi3", False)
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                              "short_factor": factors, "long_factor": factors,
+                              "original_max_position_embeddings": 256}
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope type 'longrope' depends on the sequence length"):
+        load_model(tmp_path)
+
+
 def test_mistral_without_sliding_window_runs_as_llama(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -353,3 +377,20 @@ def test_linear_layers_run_packed_where_onednn_does(checkpoint, dtype):
     for m in linears:
         x = torch.randn(7, m.in_features, generator=gen).to(dtype)
         torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), **tolerance)
+
+
+def test_bfloat16_stays_within_twice_transformers_own_bfloat16_error(checkpoint):
+    hf, folder = checkpoint
+    model, _ = load_model(folder, dtype=torch.bfloat16)
+    runner = ModelRunner(model, num_blocks=64, block_size=4, backend="torch")
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = runner.manager.allocate(0)
+    ours = [runner.logits(runner.forward([seq], [tokens[:6]]))[-1]]
+    ours += [runner.logits(runner.forward([seq], [[t]]))[0] for t in tokens[6:]]  # prefill, then decode
+    exact = hf_logits(hf, tokens)[5:]
+    with torch.no_grad():
+        theirs = hf_bf16(torch.tensor([tokens])).logits[0, 5:].float()
+    our_error = (torch.stack(ours) - exact).abs().max().item()
+    their_error = (theirs - exact).abs().max().item()
+    assert our_error <= 2 * their_error + 1e-3, f"bf16 error {our_error:.4f}, transformers' own {their_error:.4f}"

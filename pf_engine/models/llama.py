@@ -36,7 +36,8 @@ class Rotary:
     """cos/sin of the config's rope type, as transformers computes them.
 
     A plain object, not a module: its frequencies are derived from the config,
-    never loaded, and survive building the model on the meta device.
+    never loaded, and survive building the model on the meta device. With a
+    ``partial_rotary_factor`` (Phi-3) only the first part of each head rotates.
     """
 
     def __init__(self, config):
@@ -48,7 +49,7 @@ class Rotary:
             raise ValueError(f"unknown rope type {rope_type!r}")
         with torch.device("cpu"):  # also when the model is being built on the meta device
             if rope_type == "default":
-                dim = head_dim(config)
+                dim = int(head_dim(config) * params.get("partial_rotary_factor", 1.0))
                 inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
                 scaling = 1.0
             else:
@@ -65,13 +66,19 @@ class Rotary:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, head_dim]."""
-    half = x.shape[-1] // 2
+    """x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, rotary_dim <= head_dim]: the first
+    rotary_dim features of each head rotate, the rest pass through."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
 class Attention(nn.Module):
+    """Separate q/k/v projections; families change :meth:`project` (fused weights, per-head norms)."""
+
     def __init__(self, config, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -83,12 +90,17 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
 
-    def forward(self, x, cos, sin, plan, kv_layer):
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, heads, head_dim], k and v [n, kv_heads, head_dim], before the rotation."""
         n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(plan.attend(q, k, v, kv_layer).reshape(n, -1))
+        return (self.q_proj(x).view(n, self.num_heads, self.head_dim),
+                self.k_proj(x).view(n, self.num_kv_heads, self.head_dim),
+                self.v_proj(x).view(n, self.num_kv_heads, self.head_dim))
+
+    def forward(self, x, cos, sin, plan, kv_layer):
+        q, k, v = self.project(x)
+        out = plan.attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, kv_layer)
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -105,46 +117,63 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, biases: tuple[bool, bool]):
+    def __init__(self, config, family):
         super().__init__()
-        self.self_attn = Attention(config, *biases)
-        self.mlp = MLP(config)
+        self.self_attn = family.attention_class(config, *family.attention_biases(config))
+        self.mlp = family.mlp_class(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_multiplier = family.residual_multiplier(config)
 
     def forward(self, x, cos, sin, plan, kv_layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, kv_layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, plan, kv_layer)
+        x = x + (attn if self.residual_multiplier == 1.0 else attn * self.residual_multiplier)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp if self.residual_multiplier == 1.0 else mlp * self.residual_multiplier)
 
 
 class DecoderModel(nn.Module):
-    """Embeddings, decoder layers and the final norm: token ids in, hidden states out."""
+    """Embeddings, decoder layers and the final norm: token ids in, hidden states out.
 
-    def __init__(self, config, biases: tuple[bool, bool]):
+    ``family`` (a causal-LM class below or in a sibling module) names the attention and MLP
+    classes and the scalars its checkpoints' math adds to Llama's.
+    """
+
+    def __init__(self, config, family):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, biases) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, family) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim(config)
+        self.attention_scale = family.attention_scale(config)
+        self.embedding_multiplier = family.embedding_multiplier(config)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, backend, kv: torch.Tensor) -> torch.Tensor:
         """input_ids: int64 [num_tokens]; kv: [num_layers, num_blocks, 2, block_size, Hkv, D]."""
         x = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         cos, sin = self.rotary(meta.positions, x.dtype)
-        plan = backend.plan(meta, self.head_dim**-0.5, self.num_heads, self.num_kv_heads, self.head_dim, x.dtype)
+        plan = backend.plan(meta, self.attention_scale, self.num_heads, self.num_kv_heads, self.head_dim, x.dtype)
         for layer, kv_layer in zip(self.layers, kv, strict=True):
             x = layer(x, cos, sin, plan, kv_layer)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
+    """Llama's decoder and LM head. A family of the same shape subclasses it and overrides the
+    parts below: its attention and MLP classes and its scalars (all 1 or the usual here)."""
+
+    attention_class = Attention
+    mlp_class = MLP
+
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, self.attention_biases(config))
+        self.model = DecoderModel(config, type(self))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -153,6 +182,18 @@ class LlamaForCausalLM(nn.Module):
         """(q/k/v projections, output projection) carry a bias."""
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
+
+    @staticmethod
+    def attention_scale(config) -> float:
+        return head_dim(config) ** -0.5
+
+    @staticmethod
+    def embedding_multiplier(config) -> float:
+        return 1.0
+
+    @staticmethod
+    def residual_multiplier(config) -> float:
+        return 1.0
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

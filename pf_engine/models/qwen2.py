@@ -24,7 +24,7 @@ class Qwen2ForProcessRewardModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, Qwen2ForCausalLM.attention_biases(config))
+        self.model = DecoderModel(config, Qwen2ForCausalLM)
         num_labels = getattr(config, "num_labels", 2)
         if num_labels != 2:
             raise ValueError(f"a process reward model needs a 2-class head, the config has num_labels={num_labels}")
