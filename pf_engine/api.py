@@ -15,6 +15,8 @@ from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
 from pf_engine.philox import MAX_PROBLEMS
 from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM
+from pf_engine.prm_format import PRMFormat
+from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import SearchConfig, policy_for
@@ -71,6 +73,11 @@ class Engine:
     prm : None, a callable ``f(question, steps) -> reward in [0, 1]``, or a checkpoint folder:
         a class-head PRM (Qwen2.5-Math-PRM; ``prm_separator`` marks step ends) or a language
         model read as a token-pair PRM (``prm_step_tag``, ``prm_good``, ``prm_bad``).
+    prm_format : how a model PRM is shown the question and steps: a
+        :class:`pf_engine.prm_format.PRMFormat` or a preset's name ("qwen2.5-math-prm",
+        "math-shepherd", "rlhflow", "skywork"); it replaces ``prm_separator`` / ``prm_step_tag``
+        (and gives ``prm_good`` / ``prm_bad`` where the preset has them). Without it, steps follow
+        the PRM tokenizer's chat prompt of the question, each followed by the separator or tag.
     kv_cache_memory : bytes for the KV caches (policy and PRM together); default 1 GiB on the CPU,
         half the free GPU memory on CUDA.
     """
@@ -78,7 +85,8 @@ class Engine:
     def __init__(self, policy=None, prm=None, device="cpu", kv_cache_memory: int | None = None,
                  block_size: int = 16, backend: str = "auto", dtype: torch.dtype | None = None,
                  prm_separator: str = "<extra_0>", prm_step_tag: str | None = None,
-                 prm_good: str | None = None, prm_bad: str | None = None, tokenizer=None):
+                 prm_good: str | None = None, prm_bad: str | None = None, tokenizer=None,
+                 prm_format: "PRMFormat | str | None" = None):
         from transformers import AutoTokenizer
 
         if prm is not None and not callable(prm) and not isinstance(prm, (str, Path)):
@@ -118,18 +126,32 @@ class Engine:
         self.kv_cache_memory = kv_cache_memory
         self.policy = ModelRunner(policy_model, num_blocks, block_size, backend)
         prm_engine = None
+        fmt = None if prm_format is None else as_prm_format(prm_format)
         if prm_model is not None:
             runner = ModelRunner(prm_model, num_blocks, block_size, backend)
             if hasattr(prm_model, "class_logits"):
-                prm_engine = ClassHeadPRM(runner, _single_token(prm_tokenizer, prm_separator, "prm_separator"))
+                if fmt is None:
+                    fmt = PRMFormat(marker=prm_separator)
+                    marker = _single_token(prm_tokenizer, prm_separator, "prm_separator")
+                prm_engine = ClassHeadPRM(runner, marker if prm_format is None else fmt.marker_id(prm_tokenizer))
             else:
-                if None in (prm_step_tag, prm_good, prm_bad):
-                    raise ValueError("a language-model PRM needs prm_step_tag, prm_good and prm_bad")
-                prm_engine = TokenPairPRM(runner, *(_single_token(prm_tokenizer, t, name) for t, name in (
-                    (prm_step_tag, "prm_step_tag"), (prm_good, "prm_good"), (prm_bad, "prm_bad"))))
+                if fmt is None:
+                    if prm_step_tag is None:
+                        raise ValueError("a language-model PRM needs prm_format= (a preset) or prm_step_tag, prm_good "
+                                         "and prm_bad")
+                    fmt = PRMFormat(marker=prm_step_tag)
+                    marker = _single_token(prm_tokenizer, prm_step_tag, "prm_step_tag")
+                else:
+                    marker = fmt.marker_id(prm_tokenizer)
+                good, bad = prm_good or fmt.good, prm_bad or fmt.bad
+                if None in (good, bad):
+                    raise ValueError("a language-model PRM needs prm_step_tag, prm_good and prm_bad (or a prm_format "
+                                     "that names its good and bad tokens)")
+                prm_engine = TokenPairPRM(runner, marker, _single_token(prm_tokenizer, good, "prm_good"),
+                                          _single_token(prm_tokenizer, bad, "prm_bad"))
         elif prm is not None:
             prm_engine = RulePRM(prm)
-        self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer)
+        self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer, fmt)
 
     def solve(self, problems, config: SearchConfig | None = None, progress=None) -> list["Result"]:
         """Solve every problem; ``problems`` are strings or dicts with "problem" or "question".
@@ -169,7 +191,7 @@ class Engine:
         for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
             prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
             state = Problem(index=i, key=key, question=question, num_particles=config.num_particles,
-                            prompt_ids=core.prompt_ids(question), prm_prompt_ids=prm_prompt)
+                            prompt_ids=core.prompt_ids(question, config.system_prompt), prm_prompt_ids=prm_prompt)
             self._check_fits(state, config)
             states.append(state)
         return self._stream(states, policy, config)

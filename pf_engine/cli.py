@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 from pf_engine.errors import PfEngineError
+from pf_engine.prm_format import PRESETS
+from pf_engine.prompts import PROMPT_PRESETS
 
 SEARCH_OPTIONS = ("algorithm", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "temperature",
-                  "seed", "final_answer", "scheme", "aggregation", "iterations", "ancestor_sampling")
+                  "seed", "final_answer", "scheme", "aggregation", "iterations", "ancestor_sampling", "system_prompt")
 # The API's errors name its parameters; the command's name the flags that set them.
 FLAGS = {name: "--" + name.replace("_", "-") for name in SEARCH_OPTIONS} | {
-    "num_particles": "--particles", "kv_cache_memory": "--kv-cache-mib"}
+    "num_particles": "--particles", "kv_cache_memory": "--kv-cache-mib", "prm_format": "--prm-format"}
 # a parameter name as a word of its own, not inside a path or a longer name
 API_NAME = re.compile(r"(?<![\w/.-])(" + "|".join(FLAGS) + r")(?![\w/.-])")
 DEMO_INSTRUCTION = ("Solve the problem step by step. Put each step on its own line, leave a blank line between "
@@ -189,13 +191,20 @@ def solve(args) -> int:
     for flag, folder in (("--policy", args.policy), ("--prm", args.prm)):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder}: no such folder")
+    if args.prompt_preset is not None:
+        if args.system_prompt is not None:
+            raise ValueError("--prompt-preset and --system-prompt both set the system prompt: pass one")
+        args.system_prompt = PROMPT_PRESETS[args.prompt_preset]
     config = SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS})
     if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None:
         raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
     device = check_device(args.device)
 
     prm = arithmetic_verifier if args.verifier == "arithmetic" else args.prm
-    engine = Engine(policy=args.policy, prm=prm, device=device, kv_cache_memory=args.kv_cache_mib << 20)
+    if args.prm_format is not None and args.prm is None:
+        raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
+    engine = Engine(policy=args.policy, prm=prm, device=device, kv_cache_memory=args.kv_cache_mib << 20,
+                    prm_format=args.prm_format)
     began = time.perf_counter()
     results = run_with_progress(engine, problems, config, config.algorithm)
     seconds = time.perf_counter() - began
@@ -325,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--aggregation", default="last")
     s.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
     s.add_argument("--ancestor-sampling", action="store_true", help="particle_gibbs: redraw the reference's ancestor")
+    s.add_argument("--system-prompt", default=None, help="a system turn before each problem in the policy's prompt")
+    s.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
+                   help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
+    s.add_argument("--prm-format", choices=sorted(PRESETS), help="how --prm is shown the steps (its model card's "
+                   "format); default: its chat prompt, each step followed by <extra_0> (class head)")
 
     try:
         args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from pf_engine.philox import (
     philox_uniform,
 )
 from pf_engine.prm import ModelPRM, RulePRM
+from pf_engine.prm_format import PRMFormat
 from pf_engine.resample import ResampleOutput, ResampleParams, resample
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
@@ -240,9 +241,11 @@ class ParticleEngine:
     prm: None, a RulePRM, or a ModelPRM (ClassHeadPRM, TokenPairPRM) on its own runner.
     """
 
-    def __init__(self, policy: ModelRunner, tokenizer, prm=None, prm_tokenizer=None):
+    def __init__(self, policy: ModelRunner, tokenizer, prm=None, prm_tokenizer=None,
+                 prm_format: PRMFormat | None = None):
         self.policy, self.tokenizer = policy, tokenizer
         self.prm, self.prm_tokenizer = prm, prm_tokenizer
+        self.prm_format = prm_format or PRMFormat()
         self.prm_runner = prm.runner if isinstance(prm, ModelPRM) else None  # a model PRM's own cache
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
@@ -257,12 +260,18 @@ class ParticleEngine:
         self.rules: StepRules | None = None
 
     # -- set-up ----------------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        return _chat_prompt(self.tokenizer, question)
+    def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
+        """What the policy reads before its first step: the question as a user turn of its chat
+        template, after a system turn where ``system_prompt`` is given."""
+        return _chat_prompt(self.tokenizer, question, system_prompt)
 
     def prm_prompt_ids(self, question: str) -> list[int]:
         """What a model PRM reads before the first step."""
-        return _chat_prompt(self.prm_tokenizer, question)
+        return self.prm_format.prompt_ids(self.prm_tokenizer, question)
+
+    def prm_step_ids(self, index: int, text: str) -> list[int]:
+        """What a model PRM reads of a particle's step ``index`` (0 first), before its marker."""
+        return self.prm_format.step_ids(self.prm_tokenizer, index, text)
 
     def step_end_tables(self, delimiter: str) -> StepEndTables:
         """The per-token tables for ``delimiter``, built once per engine and delimiter."""
@@ -347,7 +356,7 @@ class ParticleEngine:
 
     def _prm_node_tokens(self, problem: Problem):
         marker = self.prm.marker_id
-        return lambda node: self.prm_tokenizer.encode(problem.tree[node].text, add_special_tokens=False) + [marker]
+        return lambda node: self.prm_step_ids(problem.tree[node].depth, problem.tree[node].text) + [marker]
 
     def _rebuild(self, runner: ModelRunner, problem: Problem, root: int, root_hidden, node_tokens, created):
         """Each particle's sequence on ``runner``: the nodes of its path prefilled once per node
@@ -570,7 +579,7 @@ class ParticleEngine:
             return
         out = torch.zeros(len(problems) * n, 2)
         if flat:
-            prm_ids = [self.prm_tokenizer.encode(text, add_special_tokens=False) for _, _, _, text in flat]
+            prm_ids = [self.prm_step_ids(len(problems[b].path(slot)), text) for b, slot, _, text in flat]
             seqs = [int(self.rows.prm_seq_id[problems[b].rows[slot]]) for b, slot, _, _ in flat]
             out[index] = self.prm.score(seqs, prm_ids).cpu()
             for (b, _, _, _), ids in zip(flat, prm_ids, strict=True):
@@ -661,7 +670,7 @@ class ParticleEngine:
             outputs = []
             for k in range(depth):
                 chosen = [i for i, texts in enumerate(future_texts) if len(texts) > k]
-                steps = [self.prm_tokenizer.encode(future_texts[i][k], add_special_tokens=False) for i in chosen]
+                steps = [self.prm_step_ids(len(problem_of[i].path(slots[i])) + k, future_texts[i][k]) for i in chosen]
                 outputs.append(self.prm.score([forks[i] for i in chosen], steps).cpu())
                 for i, ids in zip(chosen, steps, strict=True):
                     problem_of[i].prm_tokens += len(ids) + 1
@@ -681,9 +690,12 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _chat_prompt(tokenizer, question: str) -> list[int]:
+def _chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
     """The question as a user turn of the tokenizer's chat template (plain text where it has none)."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        turns = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        turns.append({"role": "user", "content": question})
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tokenizer.encode(question + "\n", add_special_tokens=True)
+    text = question + "\n" if system_prompt is None else f"{system_prompt}\n\n{question}\n"
+    return tokenizer.encode(text, add_special_tokens=True)

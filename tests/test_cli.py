@@ -31,6 +31,11 @@ BAD_OPTIONS = [
     (["--verifier", "none"], r"argument --verifier: invalid choice: 'none'"),
     (["--device", "gpu"], r"--device gpu: not a device"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
+    (["--prompt-preset", "qwen2.5-math", "--system-prompt", "Be brief."],
+     r"--prompt-preset and --system-prompt both set the system prompt: pass one"),
+    (["--prompt-preset", "llama"], r"argument --prompt-preset: invalid choice: 'llama'"),
+    (["--prm-format", "math-shepherd"], r"--prm-format describes a PRM checkpoint: pass --prm PATH with it"),
+    (["--prm-format", "shepherd"], r"argument --prm-format: invalid choice: 'shepherd'"),
 ]
 
 
@@ -75,6 +80,25 @@ def test_solve_writes_answers_grades_and_the_tree(policy, tmp_path, capsys):
     assert {n["problem_index"] for n in nodes} == {0, 1} and all("parent" in n and "text" in n for n in nodes)
     shown = capsys.readouterr().out
     assert re.search(r"[01]/1 = \d+%", shown) and f"wrote {out}" in shown  # one of the two was graded
+
+
+def test_the_prompt_preset_reaches_the_policys_prompt(policy, tmp_path, monkeypatch):
+    from pf_engine.api import Engine
+    from pf_engine.prompts import PROMPT_PRESETS
+
+    seen = []
+    real = Engine.stream
+
+    def spy(self, problems, config=None):
+        seen.append(config.system_prompt)
+        return real(self, problems, config)
+
+    monkeypatch.setattr(Engine, "stream", spy)
+    problems = write_jsonl(tmp_path / "p.jsonl", [{"problem": "2+2?", "answer": "4"}])
+    args = solve_args(policy, problems, tmp_path / "o.jsonl", "--verifier", "arithmetic", *ARGS)
+    assert main([*args, "--prompt-preset", "qwen2.5-math"]) == 0
+    assert main([*args, "--system-prompt", "Be brief."]) == 0
+    assert seen == [PROMPT_PRESETS["qwen2.5-math"], "Be brief."]
 
 
 @pytest.mark.parametrize(

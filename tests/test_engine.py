@@ -12,6 +12,7 @@ from transformers import Qwen2Config, Qwen2Model
 
 from pf_engine import Engine, OutOfBlocksError, SearchConfig
 from pf_engine.answers import extract_answer, is_correct, weighted_vote
+from pf_engine.prm_format import PRMFormat
 from pf_engine.search.config import ALGORITHMS
 from tiny import char_tokenizer, save_tiny_policy
 
@@ -264,7 +265,14 @@ def test_model_prms_score_incrementally(policy, tmp_path, monkeypatch):
         assert prm_manager.num_free_blocks == prm_manager.num_blocks
 
 
-def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path):
+# how the PRM sees the steps: the chat prompt and a tag after each step (the defaults), or plain text
+# with different text before the first and later steps (as Math-Shepherd's format has)
+PRM_FORMATS = [None, PRMFormat(chat_template=False, question_suffix=" Q:", first_step_prefix=" ", step_prefix="\n",
+                               marker="=", good="+", bad="-")]
+
+
+@pytest.mark.parametrize("fmt", PRM_FORMATS, ids=["tag", "plain-text-format"])
+def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path, fmt):
     """Every step's reward is the PRM's reading of that step's own path: a fresh forward over the
     prompt, each step of the path and its tag. A PRM sequence that kept another particle's path
     after resampling, or held a step twice, would read other tokens. (The PRM has large random
@@ -273,8 +281,10 @@ def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path):
 
     prm = tmp_path / "prm"
     save_tiny_policy(prm, seed=3, initializer_range=0.5)
-    engine = Engine(policy=policy, prm=prm, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
+    tag_args = {"prm_step_tag": "=", "prm_good": "+", "prm_bad": "-"} if fmt is None else {"prm_format": fmt}
+    engine = Engine(policy=policy, prm=prm, **tag_args, kv_cache_memory=8 << 20)
     results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL | {"num_particles": 6}))
+    fmt = engine.core.prm_format
     hf = AutoModelForCausalLM.from_pretrained(prm, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(prm)
     tag, good, bad = (tokenizer.encode(t, add_special_tokens=False)[0] for t in "=+-")
@@ -286,7 +296,7 @@ def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path):
             while node >= 0:
                 path.append(by_id[node].text)
                 node = by_id[node].parent
-            steps = [tokenizer.encode(text, add_special_tokens=False) + [tag] for text in reversed(path)]
+            steps = [fmt.step_ids(tokenizer, k, text) + [tag] for k, text in enumerate(reversed(path))]
             ids = prompt + [t for step in steps for t in step]
             with torch.no_grad():
                 logits = hf(torch.tensor([ids])).logits[0, -1]
@@ -300,8 +310,12 @@ def test_prm_marker_must_be_one_token(policy, tmp_path):
     save_tiny_class_prm(tmp_path / "class_prm")
     with pytest.raises(ValueError, match=r"prm_separator '<extra_0>' is \d+ tokens for the PRM's tokenizer"):
         Engine(policy=policy, prm=tmp_path / "class_prm", kv_cache_memory=8 << 20)
-    with pytest.raises(ValueError, match="needs prm_step_tag, prm_good and prm_bad"):
+    with pytest.raises(ValueError, match="needs prm_format= \\(a preset\\) or prm_step_tag, prm_good and prm_bad"):
         Engine(policy=policy, prm=policy, kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="the PRM format's marker 'ки' is \\d+ tokens"):
+        Engine(policy=policy, prm=policy, prm_format="math-shepherd", kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="unknown PRM format 'shepherd'; presets: qwen2.5-math-prm, math-shepherd"):
+        Engine(policy=policy, prm=policy, prm_format="shepherd", kv_cache_memory=8 << 20)
 
 
 def test_backtracking_examples_come_from_dead_branches(engine):

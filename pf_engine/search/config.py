@@ -41,6 +41,9 @@ class SearchConfig:
     reference's future per particle and step); it assumes resampling every step
     (``ess_threshold`` None), and the rounds a finished reference would still
     weigh in are left out. The answer comes from the last sweep.
+
+    ``system_prompt`` goes before the question as a system turn of the policy's chat template
+    (``pf_engine.prompts.PROMPT_PRESETS`` holds the paper's).
     """
 
     algorithm: str = "particle_filter"
@@ -62,6 +65,7 @@ class SearchConfig:
     iterations: int = 4
     ancestor_sampling: bool = False
     seed: int = 0
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -91,6 +95,8 @@ class SearchConfig:
             raise ValueError("ancestor_sampling assumes resampling after every step: leave ess_threshold None")
         if not self.step_delimiter:
             raise ValueError("step_delimiter must be a non-empty string")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
         if not 0 <= self.seed < 2**62:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
         _ = self.sampling  # validates top_p and top_k
