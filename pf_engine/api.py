@@ -14,8 +14,8 @@ from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
 from pf_engine.philox import MAX_PROBLEMS
-from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM
-from pf_engine.prm_format import PRMFormat
+from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM, ValueHeadPRM
+from pf_engine.prm_format import PRESETS, PRMFormat
 from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
@@ -71,8 +71,9 @@ class Engine:
         and ``compute_logits(hidden)``, as pf_engine.models builds them) is run as it is, with
         ``tokenizer``.
     prm : None, a callable ``f(question, steps) -> reward in [0, 1]``, or a checkpoint folder:
-        a class-head PRM (Qwen2.5-Math-PRM; ``prm_separator`` marks step ends) or a language
-        model read as a token-pair PRM (``prm_step_tag``, ``prm_good``, ``prm_bad``).
+        a class-head PRM (Qwen2.5-Math-PRM; ``prm_separator`` marks step ends), a value-head
+        PRM (Skywork-o1-Open-PRM; the "skywork" format unless ``prm_format`` says otherwise) or a
+        language model read as a token-pair PRM (``prm_step_tag``, ``prm_good``, ``prm_bad``).
     prm_format : how a model PRM is shown the question and steps: a
         :class:`pf_engine.prm_format.PRMFormat` or a preset's name ("qwen2.5-math-prm",
         "math-shepherd", "rlhflow", "skywork"); it replaces ``prm_separator`` / ``prm_step_tag``
@@ -129,7 +130,10 @@ class Engine:
         fmt = None if prm_format is None else as_prm_format(prm_format)
         if prm_model is not None:
             runner = ModelRunner(prm_model, num_blocks, block_size, backend)
-            if hasattr(prm_model, "class_logits"):
+            if hasattr(prm_model, "step_values"):
+                fmt = fmt or PRESETS["skywork"]
+                prm_engine = ValueHeadPRM(runner, fmt.marker_id(prm_tokenizer))
+            elif hasattr(prm_model, "class_logits"):
                 if fmt is None:
                     fmt = PRMFormat(marker=prm_separator)
                     marker = _single_token(prm_tokenizer, prm_separator, "prm_separator")

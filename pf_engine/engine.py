@@ -577,7 +577,7 @@ class ParticleEngine:
             out[index] = torch.tensor(rewards, dtype=torch.float32)
             batch.prm_output, batch.live, batch.reward_kind = out, live, "reward"
             return
-        out = torch.zeros(len(problems) * n, 2)
+        out = torch.zeros(len(problems) * n, *(() if self.prm.reward_kind == "reward" else (2,)))
         if flat:
             prm_ids = [self.prm_step_ids(len(problems[b].path(slot)), text) for b, slot, _, text in flat]
             seqs = [int(self.rows.prm_seq_id[problems[b].rows[slot]]) for b, slot, _, _ in flat]

@@ -8,6 +8,8 @@ feed the fused resampling kernel (``reward="class_logits"`` or ``"token_logits"`
   (``<extra_0>``); a 2-class head on its hidden state gives [bad, good].
 - ``TokenPairPRM``: Math-Shepherd style. The marker is the step tag; the LM's
   logits of a good and a bad token there give [good, bad].
+- ``ValueHeadPRM``: Skywork-o1-Open-PRM style. The marker ends the step; the
+  sigmoid of a scalar head there is the reward itself (``reward="reward"``).
 """
 
 import torch
@@ -25,7 +27,8 @@ class ModelPRM:
         self.marker_id = marker_id
 
     def score(self, seq_ids, steps) -> torch.Tensor:
-        """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits."""
+        """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits, or
+        [num_seqs] rewards for ``reward_kind`` "reward"."""
         new_tokens = [list(step) + [self.marker_id] for step in steps]
         hidden = self.runner.forward(seq_ids, new_tokens)
         with torch.inference_mode():
@@ -60,6 +63,20 @@ class TokenPairPRM(ModelPRM):
 
     def head(self, hidden):
         return self.runner.model.token_logits(hidden, self.pair)
+
+
+class ValueHeadPRM(ModelPRM):
+    """sigmoid of the value head at the step's end: rewards in [0, 1]."""
+
+    reward_kind = "reward"
+
+    def __init__(self, runner: ModelRunner, marker_id: int):
+        if not hasattr(runner.model, "step_values"):
+            raise ValueError(f"{type(runner.model).__name__} has no value head")
+        super().__init__(runner, marker_id)
+
+    def head(self, hidden):
+        return torch.sigmoid(self.runner.model.step_values(hidden).float())
 
 
 class RulePRM:

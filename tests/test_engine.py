@@ -221,18 +221,22 @@ def test_searches_that_need_a_prm_refuse_to_run_without_one(policy):
     assert result.weights == [0.25] * 4
 
 
-def save_tiny_class_prm(folder):
+def save_tiny_class_prm(folder, value_head: bool = False):
+    """A random Qwen2 trunk with Qwen2.5-Math-PRM's 2-class head, or Skywork-o1-Open-PRM's value head."""
     tokenizer = char_tokenizer()
     torch.manual_seed(5)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     trunk = Qwen2Model(config)
     head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    name, arch = ("score", "Qwen2ForProcessRewardModel")
+    if value_head:
+        head, name, arch = torch.nn.Linear(32, 1), "v_head.summary", "Qwen2ForPrmModel"
     weights = {f"model.{k}": v for k, v in trunk.state_dict().items()}
-    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
+    weights |= {f"{name}.{k}": v for k, v in head.state_dict().items()}
     folder.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    config_dict = config.to_dict() | {"architectures": ["Qwen2ForProcessRewardModel"]}
+    config_dict = config.to_dict() | {"architectures": [arch]}
     (folder / "config.json").write_text(json.dumps(config_dict))
     tokenizer.save_pretrained(folder)
 
@@ -242,7 +246,11 @@ def test_model_prms_score_incrementally(policy, tmp_path, monkeypatch):
     class_engine = Engine(policy=policy, prm=tmp_path / "class_prm", prm_separator="?", kv_cache_memory=8 << 20)
     token_engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-",
                           kv_cache_memory=8 << 20)
-    for engine in (class_engine, token_engine):
+    save_tiny_class_prm(tmp_path / "value_prm", value_head=True)
+    value_engine = Engine(policy=policy, prm=tmp_path / "value_prm", prm_format=PRMFormat(chat_template=False,
+                          marker="?"), kv_cache_memory=8 << 20)
+    assert value_engine.core.prm.reward_kind == "reward"
+    for engine in (class_engine, token_engine, value_engine):
         core = engine.core
         fed = []  # tokens of every forward the PRM ran
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2Model
 
 from pf_engine.models import load_model
-from pf_engine.prm import ClassHeadPRM, TokenPairPRM
+from pf_engine.prm import ClassHeadPRM, TokenPairPRM, ValueHeadPRM
 from pf_engine.resample import REWARD_KINDS
 from pf_engine.runner import ModelRunner
 
@@ -18,18 +18,24 @@ SEPARATOR, GOOD, BAD = 7, 11, 12
 STEPS = 4
 
 
-def tiny_prm_checkpoint(folder):
-    """A random Qwen2 trunk with a 2-class head, saved as Qwen2.5-Math-PRM checkpoints are."""
+def tiny_prm_checkpoint(folder, value_head: bool = False):
+    """A random Qwen2 trunk with a 2-class head, saved as Qwen2.5-Math-PRM checkpoints are, or with a
+    value head, saved as Skywork-o1-Open-PRM's are (their unused lm_head included)."""
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     trunk = Qwen2Model(config).eval()
     head = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 2))
+    name, arch = "score", "Qwen2ForProcessRewardModel"
+    if value_head:
+        head, name, arch = torch.nn.Linear(48, 1), "v_head.summary", "Qwen2ForPrmModel"
     weights = {f"model.{k}": v for k, v in trunk.state_dict().items()}
-    weights |= {f"score.{k}": v for k, v in head.state_dict().items()}
+    weights |= {f"{name}.{k}": v for k, v in head.state_dict().items()}
+    if value_head:
+        weights["lm_head.weight"] = torch.randn(VOCAB, 48)
     folder.mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    config_dict = config.to_dict() | {"architectures": ["Qwen2ForProcessRewardModel"], "num_labels": 2}
+    config_dict = config.to_dict() | {"architectures": [arch], "num_labels": 2}
     (folder / "config.json").write_text(json.dumps(config_dict))
     return trunk, head
 
@@ -73,6 +79,20 @@ def test_class_head_rewards_incremental_equal_full(tmp_path):
     assert len(scored) == 4 * STEPS
 
 
+def test_value_head_rewards_incremental_equal_full(tmp_path):
+    trunk, head = tiny_prm_checkpoint(tmp_path, value_head=True)
+    model, _ = load_model(tmp_path)
+    prm = ValueHeadPRM(ModelRunner(model, num_blocks=64, block_size=4, backend="torch"), SEPARATOR)
+    assert prm.reward_kind in REWARD_KINDS
+    gen = torch.Generator().manual_seed(5)
+    scored = run_incremental(prm, [1, 2, 3], random_steps(gen, 4), np.array([3, 0, 0, 1]))
+    for tokens, reward in scored:
+        with torch.no_grad():
+            expected = torch.sigmoid(head(trunk(torch.tensor([tokens])).last_hidden_state[0, -1]))[0]
+        torch.testing.assert_close(reward, expected, atol=2e-6, rtol=1e-5)
+    assert len(scored) == 4 * STEPS
+
+
 def test_token_pair_rewards_incremental_equal_full(tmp_path):
     torch.manual_seed(1)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
@@ -96,3 +116,5 @@ def test_class_head_prm_needs_a_class_head(tmp_path):
     model, _ = load_model(tmp_path)
     with pytest.raises(ValueError, match="has no class head"):
         ClassHeadPRM(ModelRunner(model, num_blocks=8, backend="torch"), SEPARATOR)
+    with pytest.raises(ValueError, match="has no value head"):
+        ValueHeadPRM(ModelRunner(model, num_blocks=8, backend="torch"), SEPARATOR)

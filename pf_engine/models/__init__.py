@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from pf_engine.models.granite import GraniteForCausalLM
 from pf_engine.models.llama import LlamaForCausalLM
 from pf_engine.models.phi3 import Phi3ForCausalLM
-from pf_engine.models.qwen2 import Qwen2ForCausalLM, Qwen2ForProcessRewardModel
+from pf_engine.models.qwen2 import Qwen2ForCausalLM, Qwen2ForProcessRewardModel, Qwen2ForValueHeadPRM
 from pf_engine.models.qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES = {
@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen2ForProcessRewardModel": Qwen2ForProcessRewardModel,
+    "Qwen2ForPrmModel": Qwen2ForValueHeadPRM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
