@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
     s.add_argument("--policy", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     group = s.add_mutually_exclusive_group()
-    group.add_argument("--prm", default=None, help="PRM checkpoint folder (a class-head PRM)")
+    group.add_argument("--prm", default=None, help="PRM checkpoint folder: a class-head or value-head PRM, or a "
+                       "language model read as a token-pair PRM with --prm-format")
     group.add_argument("--verifier", choices=["arithmetic"], help="a rule-based step verifier instead of a PRM")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
     s.add_argument("--device", default="cpu")

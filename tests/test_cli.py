@@ -251,3 +251,14 @@ def test_demo_runs_on_the_embedded_model(capsys):
     shown = capsys.readouterr().out
     for method in ("single sample", "best-of-2", "particle filtering (2)"):
         assert method in shown
+
+
+@pytest.mark.parametrize("family,settings", [("Qwen3", {"head_dim": 16}), ("Granite", {"embedding_multiplier": 2.0}),
+                                              ("Phi3", {"pad_token_id": 1})])
+def test_solve_runs_each_policy_family(tmp_path, family, settings):
+    save_tiny_policy(tmp_path / "policy", family=family, **settings)
+    problems = write_jsonl(tmp_path / "p.jsonl", [{"problem": "2+2?", "answer": "4"}])
+    out = tmp_path / "o.jsonl"
+    assert main(solve_args(tmp_path / "policy", problems, out, "--verifier", "arithmetic", *ARGS)) == 0
+    record = json.loads(out.read_text())
+    assert record["problem"] == "2+2?" and len(record["weights"]) == 3 and record["stats"]["tokens_generated"] > 0
