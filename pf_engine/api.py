@@ -14,7 +14,7 @@ from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
 from pf_engine.philox import MAX_PROBLEMS
-from pf_engine.prm import ClassHeadPRM, RulePRM, TokenPairPRM, ValueHeadPRM
+from pf_engine.prm import ClassHeadPRM, OutcomeRM, RulePRM, TokenPairPRM, ValueHeadPRM
 from pf_engine.prm_format import PRESETS, PRMFormat
 from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
@@ -44,6 +44,7 @@ class Result:
     leaves: list[int] = field(default_factory=list)  # tree node of each final particle's newest step
     chosen: int = 0  # index of the particle the answer came from
     stats: dict = field(default_factory=dict)
+    outcome_scores: list[float] | None = None  # the outcome reward model's score of each final particle
 
     def tree_records(self) -> list[dict]:
         return [asdict(node) for node in self.tree]
@@ -79,7 +80,10 @@ class Engine:
         "math-shepherd", "rlhflow", "skywork"); it replaces ``prm_separator`` / ``prm_step_tag``
         (and gives ``prm_good`` / ``prm_bad`` where the preset has them). Without it, steps follow
         the PRM tokenizer's chat prompt of the question, each followed by the separator or tag.
-    kv_cache_memory : bytes for the KV caches (policy and PRM together); default 1 GiB on the CPU,
+    orm : None or an outcome reward model's checkpoint folder (a sequence-classification model with
+        one label), scored once on each finished answer: ``Result.outcome_scores``, the final choice
+        with ``final_answer="outcome"``, and best-of-N's ranking when there is no PRM.
+    kv_cache_memory : bytes for the KV caches (policy, PRM and ORM together); default 1 GiB on the CPU,
         half the free GPU memory on CUDA.
     """
 
@@ -87,7 +91,7 @@ class Engine:
                  block_size: int = 16, backend: str = "auto", dtype: torch.dtype | None = None,
                  prm_separator: str = "<extra_0>", prm_step_tag: str | None = None,
                  prm_good: str | None = None, prm_bad: str | None = None, tokenizer=None,
-                 prm_format: "PRMFormat | str | None" = None):
+                 prm_format: "PRMFormat | str | None" = None, orm=None):
         from transformers import AutoTokenizer
 
         if prm is not None and not callable(prm) and not isinstance(prm, (str, Path)):
@@ -108,6 +112,11 @@ class Engine:
         if isinstance(prm, (str, Path)):
             prm_model, prm_config = load_model(prm, dtype=dtype, device=device)
             prm_tokenizer = AutoTokenizer.from_pretrained(prm)
+        orm_model = orm_config = None
+        if orm is not None:
+            if not isinstance(orm, (str, Path)):
+                raise TypeError(f"orm must be a checkpoint path, got {type(orm).__name__}")
+            orm_model, orm_config = load_model(orm, dtype=dtype, device=device)
 
         if kv_cache_memory is None:
             kv_cache_memory = (torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda"
@@ -115,8 +124,10 @@ class Engine:
         per_token = [_kv_bytes_per_token(policy_config, next(policy_model.parameters()).dtype)]
         if prm_model is not None:
             per_token.append(_kv_bytes_per_token(prm_config, next(prm_model.parameters()).dtype))
-        # The policy's and the PRM's caches get the same number of blocks: one block of
-        # the budget is a block of each.
+        if orm_model is not None:
+            per_token.append(_kv_bytes_per_token(orm_config, next(orm_model.parameters()).dtype))
+        # The policy's, the PRM's and the ORM's caches get the same number of blocks: one block
+        # of the budget is a block of each.
         bytes_per_block = sum(per_token) * block_size
         num_blocks = int(kv_cache_memory // bytes_per_block)
         if num_blocks < 1:
@@ -156,6 +167,10 @@ class Engine:
         elif prm is not None:
             prm_engine = RulePRM(prm)
         self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer, fmt)
+        self.orm = None
+        if orm_model is not None:
+            self.orm = OutcomeRM(ModelRunner(orm_model, num_blocks, block_size, backend),
+                                 AutoTokenizer.from_pretrained(orm))
 
     def solve(self, problems, config: SearchConfig | None = None, progress=None) -> list["Result"]:
         """Solve every problem; ``problems`` are strings or dicts with "problem" or "question".
@@ -189,7 +204,13 @@ class Engine:
         questions = [_question(p, i) for i, p in enumerate(problems)]
         policy = policy_for(config)
         if policy.scores and self.core.prm is None:
-            raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine")
+            if config.algorithm != "best_of_n" or self.orm is None:
+                raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine"
+                                 + (" (best_of_n may rank by an outcome model instead: orm=)"
+                                    if config.algorithm == "best_of_n" else ""))
+            policy.scores = False  # best-of-N ranked by the outcome model alone
+        if config.final_answer == "outcome" and self.orm is None:
+            raise ValueError("final_answer 'outcome' needs an outcome reward model: pass orm= to the Engine")
         core = self.core
         states = []
         for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
@@ -230,6 +251,7 @@ class Engine:
         texts = ["".join(s) for s in steps]
         weights = problem.weights.tolist()
         answers = [extract_answer(t) for t in texts]
+        outcome = self.orm.score(problem.question, texts) if self.orm is not None else None
         if config.final_answer == "vote" or config.algorithm == "self_consistency":
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
@@ -237,8 +259,9 @@ class Engine:
             rng = np.random.default_rng([config.seed, problem.key])
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
-        else:
-            chosen = int(np.argmax(weights))
+        else:  # "best": the highest weight; "outcome", or best-of-N without a PRM: the best outcome score
+            by_outcome = config.final_answer == "outcome" or (config.algorithm == "best_of_n" and self.core.prm is None)
+            chosen = int(np.argmax(outcome if by_outcome else weights))
             answer = answers[chosen]
         stats = {"tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
                  "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
@@ -246,7 +269,7 @@ class Engine:
                  "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
                  "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
-                      problem.leaf.tolist(), chosen, stats)
+                      problem.leaf.tolist(), chosen, stats, outcome)
 
 
 def _keys(problems) -> list[int]:

@@ -188,7 +188,7 @@ def solve(args) -> int:
         problems = load_problems(args.problems)
     except ValueError as exc:
         raise ValueError(f"--problems {exc}") from None
-    for flag, folder in (("--policy", args.policy), ("--prm", args.prm)):
+    for flag, folder in (("--policy", args.policy), ("--prm", args.prm), ("--orm", args.orm)):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder}: no such folder")
     if args.prompt_preset is not None:
@@ -196,7 +196,8 @@ def solve(args) -> int:
             raise ValueError("--prompt-preset and --system-prompt both set the system prompt: pass one")
         args.system_prompt = PROMPT_PRESETS[args.prompt_preset]
     config = SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS})
-    if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None:
+    ranked_by_orm = config.algorithm == "best_of_n" and args.orm is not None
+    if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None and not ranked_by_orm:
         raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
     device = check_device(args.device)
 
@@ -204,14 +205,15 @@ def solve(args) -> int:
     if args.prm_format is not None and args.prm is None:
         raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
     engine = Engine(policy=args.policy, prm=prm, device=device, kv_cache_memory=args.kv_cache_mib << 20,
-                    prm_format=args.prm_format)
+                    prm_format=args.prm_format, orm=args.orm)
     began = time.perf_counter()
     results = run_with_progress(engine, problems, config, config.algorithm)
     seconds = time.perf_counter() - began
     graded = [is_correct(r.answer, p["answer"]) if "answer" in p else None
               for r, p in zip(results, problems, strict=True)]
     records = [json.dumps({"problem": r.question, "answer": r.answer, "gold": p.get("answer"), "correct": g,
-                           "text": r.text, "steps": r.steps, "weights": r.weights, "stats": r.stats})
+                           "text": r.text, "steps": r.steps, "weights": r.weights, "stats": r.stats}
+                          | ({"outcome_scores": r.outcome_scores} if r.outcome_scores is not None else {}))
                for r, p, g in zip(results, problems, graded, strict=True)]
     write_atomically(out, records)
     if tree is not None:
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--prm", default=None, help="PRM checkpoint folder: a class-head or value-head PRM, or a "
                        "language model read as a token-pair PRM with --prm-format")
     group.add_argument("--verifier", choices=["arithmetic"], help="a rule-based step verifier instead of a PRM")
+    s.add_argument("--orm", default=None, help="outcome reward model checkpoint folder (sequence classification, "
+                   "one label): scores each final answer; ranks best_of_n without a PRM; --final-answer outcome")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
     s.add_argument("--device", default="cpu")
     s.add_argument("--kv-cache-mib", type=positive_int, default=1024)

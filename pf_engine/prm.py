@@ -14,6 +14,7 @@ feed the fused resampling kernel (``reward="class_logits"`` or ``"token_logits"`
 
 import torch
 
+from pf_engine.errors import OutOfBlocksError
 from pf_engine.runner import ModelRunner
 
 
@@ -77,6 +78,77 @@ class ValueHeadPRM(ModelPRM):
 
     def head(self, hidden):
         return torch.sigmoid(self.runner.model.step_values(hidden).float())
+
+
+class OutcomeRM:
+    """An outcome reward model, scored once per finished particle: the question and the whole
+    answer as a conversation (user, assistant) of its tokenizer's chat template, read at the
+    last token. A problem's particles share the conversation's opening (prefilled once, forked).
+    Every sequence made here is freed before :meth:`score` returns or raises."""
+
+    _SENTINEL = "\x00answer\x00"
+
+    def __init__(self, runner: ModelRunner, tokenizer):
+        if not hasattr(runner.model, "outcome_scores"):
+            raise ValueError(f"{type(runner.model).__name__} is not a sequence-classification (outcome) reward model")
+        self.runner, self.tokenizer = runner, tokenizer
+
+    def texts(self, question: str) -> tuple[str, str]:
+        """What comes before and after the answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return question + "\n", ""
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": self._SENTINEL}]
+        before, after = self.tokenizer.apply_chat_template(turns, tokenize=False).split(self._SENTINEL)
+        return before, after
+
+    def token_ids(self, question: str, answers: list[str]) -> tuple[list[int], list[list[int]]]:
+        before, after = self.texts(question)
+        prompt = self.tokenizer.encode(before, add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+        return prompt, [self.tokenizer.encode(a + after, add_special_tokens=False) for a in answers]
+
+    def score(self, question: str, answers: list[str]) -> list[float]:
+        prompt, answer_ids = self.token_ids(question, answers)
+        bm = self.runner.manager
+        made = []
+        try:
+            root = bm.allocate(0)
+            made.append(root)
+            opening = self.runner.forward([root], [prompt])[-1:]
+            written = [i for i, ids in enumerate(answer_ids) if ids]
+            scores = self._score(root, [answer_ids[i] for i in written], made) if written else []
+            with torch.inference_mode():  # an empty answer with nothing after it: read where it would start
+                empty = self.runner.model.outcome_scores(opening).float().item()
+            out = [empty] * len(answers)
+            for i, score in zip(written, scores, strict=True):
+                out[i] = score
+            return out
+        finally:
+            for seq in made:
+                bm.free(seq)
+
+    def _score(self, root: int, answer_ids: list[list[int]], made: list[int]) -> list[float]:
+        """All answers at once; halves where the cache cannot hold them together."""
+        bm = self.runner.manager
+        seqs = [bm.fork(root) for _ in answer_ids]
+        made.extend(seqs)
+        try:
+            hidden = self.runner.forward(seqs, answer_ids)
+        except OutOfBlocksError:
+            if len(answer_ids) == 1:
+                raise OutOfBlocksError(f"the outcome reward model's KV cache ({bm.num_blocks} blocks) cannot hold "
+                                       f"the question and one answer of {len(answer_ids[0])} tokens: raise "
+                                       "kv_cache_memory") from None
+            for seq in seqs:
+                bm.free(seq)
+                made.remove(seq)
+            half = len(answer_ids) // 2
+            return self._score(root, answer_ids[:half], made) + self._score(root, answer_ids[half:], made)
+        with torch.inference_mode():
+            scores = self.runner.model.outcome_scores(hidden[ModelRunner.last_token_index(answer_ids)]).float()
+        for seq in seqs:
+            bm.free(seq)
+            made.remove(seq)
+        return scores.cpu().tolist()
 
 
 class RulePRM:

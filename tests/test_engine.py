@@ -412,3 +412,33 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
     assert len(set(loglik.tolist())) > 1, "the candidates' prefixes do not differ: the check would be weak"
     core.evict(problem)
     assert engine.policy.manager.num_seqs == core.prm_runner.manager.num_seqs == 0
+
+
+def test_an_outcome_model_ranks_best_of_n_and_picks_the_final_answer(policy, tmp_path):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(4)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "orm")
+    tokenizer.save_pretrained(tmp_path / "orm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "orm").eval()
+    engine = Engine(policy=policy, orm=tmp_path / "orm", kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="particle_filter needs a PRM"):
+        engine.solve(QUESTIONS[:1], SearchConfig(**SMALL))
+    results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL | {"algorithm": "best_of_n"}))
+    for question, r in zip(QUESTIONS[:2], results, strict=True):
+        expected = []
+        for text in r.particles:  # no chat template: the question, a newline, the answer
+            ids = tokenizer.encode(question + "\n", add_special_tokens=True) + tokenizer.encode(
+                text, add_special_tokens=False)
+            with torch.no_grad():
+                expected.append(hf(torch.tensor([ids])).logits[0, 0].item())
+        assert r.outcome_scores == pytest.approx(expected, abs=2e-5)
+        assert r.chosen == int(np.argmax(expected)) and len(set(r.outcome_scores)) > 1
+    for runner in (engine.policy, engine.orm.runner):
+        assert runner.manager.num_free_blocks == runner.manager.num_blocks
+    with pytest.raises(ValueError, match="final_answer 'outcome' needs an outcome reward model"):
+        Engine(policy=policy, prm=lambda q, steps: 0.5, kv_cache_memory=8 << 20).solve(
+            QUESTIONS[:1], SearchConfig(**SMALL | {"final_answer": "outcome"}))

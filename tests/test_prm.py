@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2Model
 
+from pf_engine import OutOfBlocksError
 from pf_engine.models import load_model
 from pf_engine.prm import ClassHeadPRM, TokenPairPRM, ValueHeadPRM
 from pf_engine.resample import REWARD_KINDS
@@ -118,3 +119,37 @@ def test_class_head_prm_needs_a_class_head(tmp_path):
         ClassHeadPRM(ModelRunner(model, num_blocks=8, backend="torch"), SEPARATOR)
     with pytest.raises(ValueError, match="has no value head"):
         ValueHeadPRM(ModelRunner(model, num_blocks=8, backend="torch"), SEPARATOR)
+
+
+def test_outcome_scores_equal_transformers_on_the_chat(tmp_path):
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from pf_engine.models.smollm2 import smollm2_path
+    from pf_engine.prm import OutcomeRM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())  # a real chat template
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id or 0)
+    hf = LlamaForSequenceClassification(config).eval()
+    hf.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    orm = OutcomeRM(ModelRunner(model, num_blocks=20, block_size=4, backend="torch"), tokenizer)
+    batches = []
+    forward = orm.runner.forward
+    orm.runner.forward = lambda seqs, tokens: batches.append(len(seqs)) or forward(seqs, tokens)
+    question = "What is 3 + 4?"
+    answers = ["3 + 4 = 7.\n\nThe answer is \\boxed{7}.", "It is 8.", "", "Seven, since 3 + 4 = 7 and 7 is odd."]
+    scores = orm.score(question, answers)
+    for answer, score in zip(answers, scores, strict=True):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}], tokenize=False)
+        with torch.no_grad():
+            expected = hf(torch.tensor([tokenizer.encode(ids, add_special_tokens=False)])).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=2e-5)
+    assert batches[1] == 4 and min(batches[2:]) < 4, batches  # the opening, then all four: too many, so halves
+    assert orm.runner.manager.num_free_blocks == orm.runner.manager.num_blocks
+    with pytest.raises(OutOfBlocksError, match="cannot hold the question and one answer"):
+        orm.score(question, ["7 " * 40])
+    assert orm.runner.manager.num_free_blocks == orm.runner.manager.num_blocks

@@ -9,6 +9,7 @@ from transformers import AutoConfig
 
 from pf_engine.models.granite import GraniteForCausalLM
 from pf_engine.models.llama import LlamaForCausalLM
+from pf_engine.models.outcome import LlamaForSequenceClassification, Qwen2ForSequenceClassification
 from pf_engine.models.phi3 import Phi3ForCausalLM
 from pf_engine.models.qwen2 import Qwen2ForCausalLM, Qwen2ForProcessRewardModel, Qwen2ForValueHeadPRM
 from pf_engine.models.qwen3 import Qwen3ForCausalLM
@@ -22,6 +23,8 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
 }
 
 

@@ -8,7 +8,7 @@ from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
 
 ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
-FINAL_ANSWERS = ("best", "sampled", "vote")
+FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
 MAX_PARTICLES = 1024  # of one problem (the random streams' slot field holds pf_engine.philox.MAX_SLOTS)
 
 
