@@ -47,7 +47,19 @@ class Result:
     outcome_scores: list[float] | None = None  # the outcome reward model's score of each final particle
 
     def tree_records(self) -> list[dict]:
-        return [asdict(node) for node in self.tree]
+        """Every node's fields, and whether it is a final particle's newest step (``final``) and the
+        chosen particle's (``chosen``)."""
+        final = set(self.leaves)
+        chosen = self.leaves[self.chosen] if self.leaves else None
+        return [asdict(node) | {"final": node.node in final, "chosen": node.node == chosen} for node in self.tree]
+
+    def plot_tree(self, path: str | Path) -> None:
+        """A picture of the search tree (pf_engine.tree_plot): lineages by weight, dead branches grey,
+        the chosen answer's path red, particle Gibbs' replayed reference steps ringed."""
+        from pf_engine.tree_plot import plot_tree
+
+        plot_tree(self.tree_records(), path, self.leaves, self.leaves[self.chosen] if self.leaves else None,
+                  title=self.question if len(self.question) <= 80 else self.question[:77] + "...")
 
     def write_tree(self, path: str | Path) -> None:
         """The search tree as JSONL, one step per line."""

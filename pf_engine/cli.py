@@ -1,4 +1,4 @@
-"""The ``pf-engine`` command: ``demo`` (the main job), ``solve`` and ``selfcheck``.
+"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``tree`` and ``selfcheck``.
 
 Whatever the user can fix (a bad option or path, a cache too small, any
 ``PfEngineError``) ends the command with one line on stderr that names the flag
@@ -301,6 +301,17 @@ def error_line(exc: BaseException) -> str:
     return " ".join(message.split())
 
 
+def tree(args) -> int:
+    from pf_engine.tree_plot import plot_tree_file
+
+    if not Path(args.tree_file).is_file():
+        raise ValueError(f"{args.tree_file}: no such tree file")
+    out = output_path("--out", args.out)
+    plot_tree_file(args.tree_file, args.problem, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -345,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--prm-format", choices=sorted(PRESETS), help="how --prm is shown the steps (its model card's "
                    "format); default: its chat prompt, each step followed by <extra_0> (class head)")
 
+    t = sub.add_parser("tree", help="draw one problem's search tree from a --tree JSONL")
+    t.add_argument("tree_file", metavar="TREE.jsonl")
+    t.add_argument("--problem", type=int, default=0, help="its index in the problems file (default 0)")
+    t.add_argument("--out", required=True, help="the picture (PNG, SVG or PDF)")
+
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a bad option (already reported)
         return exc.code
     try:
-        return {"selfcheck": selfcheck, "demo": demo, "solve": solve}[args.command](args)
+        return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "tree": tree}[args.command](args)
     except KeyboardInterrupt:
         print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
         return 130
