@@ -256,6 +256,7 @@ def make_job(args) -> tuple[dict, object]:
         "prm_prompts": [core.prm_prompt_ids(q) for q in questions],
         "tag": core.prm.marker_id, "good": int(core.prm.pair[0]), "bad": int(core.prm.pair[1]),
         "eos_ids": sorted(core.eos_ids), "max_step_tokens": args.max_step_tokens, "seed": args.seed,
+        "kv_cache_mib": args.kv_cache_mib,
         "kv_bytes_per_token": engine.policy.kv_cache.bytes_per_block // engine.block_size,
         "max_model_len": max(map(len, prompts)) + 2 * args.max_step_tokens * max(args.steps) + 64,
         "configs": sorted({(n, args.fixed_steps) for n in args.particles}
@@ -291,13 +292,18 @@ def run_pf_engine(engine, job) -> list[dict]:
     return rows
 
 
+def vllm_pool_gib(job) -> str:
+    """vLLM's CPU pool (VLLM_CPU_KVCACHE_SPACE, whole GiB): pf_engine's pool unless the environment says."""
+    return os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(job["kv_cache_mib"] / 1024))))
+
+
 def run_vllm(job, vllm_python: str | None, log: Path) -> tuple[dict | None, str]:
     if not vllm_python or not Path(vllm_python).exists():
         return None, f"not run: no vLLM environment at {vllm_python} (bash bench/setup_vllm.sh makes one)"
     with tempfile.TemporaryDirectory() as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": vllm_pool_gib(job)}
         with open(log, "w") as f:
             proc = subprocess.run([vllm_python, __file__, "--worker", str(job_path), str(out_path)], env=env,
                                   stdout=f, stderr=subprocess.STDOUT)
@@ -391,8 +397,8 @@ def main(argv=None) -> int:
         others["vllm"] = out and out["rows"]
         if out:
             notes["vllm"] = (f"ok; start-up {out['startup_seconds']:.0f} s (not timed); block size "
-                             f"{out['block_size']}; pool VLLM_CPU_KVCACHE_SPACE="
-                             f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '4')} GiB on CPU")
+                             f"{out['block_size']}; pool VLLM_CPU_KVCACHE_SPACE={vllm_pool_gib(job)} GiB on CPU "
+                             f"(pf_engine: {job['kv_cache_mib']} MiB)")
     if "transformers" in args.skip:
         others["transformers"], notes["transformers"] = None, "not run: --skip transformers"
     else:
