@@ -1,4 +1,4 @@
-"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``tree`` and ``selfcheck``.
+"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``eval``, ``tree`` and ``selfcheck``.
 
 Whatever the user can fix (a bad option or path, a cache too small, any
 ``PfEngineError``) ends the command with one line on stderr that names the flag
@@ -10,11 +10,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from pf_engine.errors import PfEngineError
+from pf_engine.files import write_atomically
 from pf_engine.prm_format import PRESETS
 from pf_engine.prompts import PROMPT_PRESETS
 
@@ -121,20 +121,6 @@ def load_problems(path) -> list[dict]:
     return problems
 
 
-def write_atomically(path, lines) -> None:
-    """Write all lines or nothing: a temp file beside ``path``, renamed over it when complete."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run_with_progress(engine, problems, config, label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -171,14 +157,75 @@ def check_device(name: str):
     return device
 
 
+def search_config(args, **fixed):
+    """The SearchConfig the flags give (``fixed`` for those the command sets itself)."""
+    from pf_engine.search.config import SearchConfig
+
+    if args.prompt_preset is not None:
+        if args.system_prompt is not None:
+            raise ValueError("--prompt-preset and --system-prompt both set the system prompt: pass one")
+        args.system_prompt = PROMPT_PRESETS[args.prompt_preset]
+    return SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS if k not in fixed} | fixed)
+
+
+def load_engine(args):
+    """The Engine the flags name, after checking its folders."""
+    from pf_engine.api import Engine
+    from pf_engine.verifiers import arithmetic_verifier
+
+    for flag, folder in (("--policy", args.policy), ("--prm", args.prm), ("--orm", args.orm)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: no such folder")
+    if args.prm_format is not None and args.prm is None:
+        raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
+    prm = arithmetic_verifier if args.verifier == "arithmetic" else args.prm
+    return Engine(policy=args.policy, prm=prm, device=check_device(args.device),
+                  kv_cache_memory=args.kv_cache_mib << 20, prm_format=args.prm_format, orm=args.orm)
+
+
+def evaluate_command(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from pf_engine.evaluate import evaluate
+
+    out_dir = Path(args.out_dir)
+    if not out_dir.parent.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: the folder {out_dir.parent} does not exist")
+    try:
+        problems = load_problems(args.problems)
+    except ValueError as exc:
+        raise ValueError(f"--problems {exc}") from None
+    base = search_config(args, algorithm="particle_filter", num_particles=1)
+    engine = load_engine(args)
+    out_dir.mkdir(exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=not sys.stdout.isatty()) as bar:
+        tasks = {}
+
+        def progress(label, done, total):
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        rows = evaluate(engine, problems, args.algorithms, args.budgets, out_dir, base, progress)
+    table = Table(title=f"pf-engine eval: {len(problems)} problems")
+    for column in ("algorithm", "N", "accuracy", "tokens per problem"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["algorithm"], str(r["particles"]), f"{r['correct']}/{r['problems']} = {r['accuracy']:.0%}",
+                      f"{r['tokens_per_problem']:.0f}")
+    Console().print(table)
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
+    return 0
+
+
 def solve(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from pf_engine.answers import is_correct
-    from pf_engine.api import Engine
-    from pf_engine.search.config import SearchConfig
-    from pf_engine.verifiers import arithmetic_verifier
 
     out = output_path("--out", args.out)
     tree = output_path("--tree", args.tree) if args.tree else None
@@ -188,24 +235,11 @@ def solve(args) -> int:
         problems = load_problems(args.problems)
     except ValueError as exc:
         raise ValueError(f"--problems {exc}") from None
-    for flag, folder in (("--policy", args.policy), ("--prm", args.prm), ("--orm", args.orm)):
-        if folder is not None and not Path(folder).is_dir():
-            raise ValueError(f"{flag} {folder}: no such folder")
-    if args.prompt_preset is not None:
-        if args.system_prompt is not None:
-            raise ValueError("--prompt-preset and --system-prompt both set the system prompt: pass one")
-        args.system_prompt = PROMPT_PRESETS[args.prompt_preset]
-    config = SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS})
+    config = search_config(args)
     ranked_by_orm = config.algorithm == "best_of_n" and args.orm is not None
     if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None and not ranked_by_orm:
         raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
-    device = check_device(args.device)
-
-    prm = arithmetic_verifier if args.verifier == "arithmetic" else args.prm
-    if args.prm_format is not None and args.prm is None:
-        raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
-    engine = Engine(policy=args.policy, prm=prm, device=device, kv_cache_memory=args.kv_cache_mib << 20,
-                    prm_format=args.prm_format, orm=args.orm)
+    engine = load_engine(args)
     began = time.perf_counter()
     results = run_with_progress(engine, problems, config, config.algorithm)
     seconds = time.perf_counter() - began
@@ -325,36 +359,48 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
 
-    s = sub.add_parser("solve", help="solve a JSONL file of problems")
-    s.add_argument("--problems", required=True, help='JSONL, one {"problem" or "question", "answer"?} per line')
-    s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
-    s.add_argument("--policy", default=None, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    group = s.add_mutually_exclusive_group()
+    shared = argparse.ArgumentParser(add_help=False)  # what solve and eval both take
+    shared.add_argument("--problems", required=True, help='JSONL, one {"problem" or "question", "answer"?} per line')
+    shared.add_argument("--policy", default=None,
+                        help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    group = shared.add_mutually_exclusive_group()
     group.add_argument("--prm", default=None, help="PRM checkpoint folder: a class-head or value-head PRM, or a "
                        "language model read as a token-pair PRM with --prm-format")
     group.add_argument("--verifier", choices=["arithmetic"], help="a rule-based step verifier instead of a PRM")
-    s.add_argument("--orm", default=None, help="outcome reward model checkpoint folder (sequence classification, "
-                   "one label): scores each final answer; ranks best_of_n without a PRM; --final-answer outcome")
+    shared.add_argument("--prm-format", choices=sorted(PRESETS), help="how --prm is shown the steps (its model "
+                        "card's format); default: its chat prompt, each step followed by <extra_0> (class head)")
+    shared.add_argument("--orm", default=None, help="outcome reward model checkpoint folder (sequence "
+                        "classification, one label): scores each final answer; ranks best_of_n without a PRM; "
+                        "--final-answer outcome")
+    shared.add_argument("--device", default="cpu")
+    shared.add_argument("--kv-cache-mib", type=positive_int, default=1024)
+    shared.add_argument("--max-steps", type=int, default=32)
+    shared.add_argument("--max-step-tokens", type=int, default=256)
+    shared.add_argument("--max-new-tokens", type=int, default=1024)
+    shared.add_argument("--temperature", type=float, default=0.8)
+    shared.add_argument("--seed", type=int, default=0)
+    shared.add_argument("--final-answer", default="best")
+    shared.add_argument("--scheme", default="systematic")
+    shared.add_argument("--aggregation", default="last")
+    shared.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
+    shared.add_argument("--ancestor-sampling", action="store_true",
+                        help="particle_gibbs: redraw the reference's ancestor")
+    shared.add_argument("--system-prompt", default=None,
+                        help="a system turn before each problem in the policy's prompt")
+    shared.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
+                        help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
+
+    s = sub.add_parser("solve", parents=[shared], help="solve a JSONL file of problems")
+    s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--kv-cache-mib", type=positive_int, default=1024)
     s.add_argument("--algorithm", default="particle_filter")
     s.add_argument("--particles", dest="num_particles", type=int, default=8)
-    s.add_argument("--max-steps", type=int, default=32)
-    s.add_argument("--max-step-tokens", type=int, default=256)
-    s.add_argument("--max-new-tokens", type=int, default=1024)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--final-answer", default="best")
-    s.add_argument("--scheme", default="systematic")
-    s.add_argument("--aggregation", default="last")
-    s.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
-    s.add_argument("--ancestor-sampling", action="store_true", help="particle_gibbs: redraw the reference's ancestor")
-    s.add_argument("--system-prompt", default=None, help="a system turn before each problem in the policy's prompt")
-    s.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
-                   help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
-    s.add_argument("--prm-format", choices=sorted(PRESETS), help="how --prm is shown the steps (its model card's "
-                   "format); default: its chat prompt, each step followed by <extra_0> (class head)")
+
+    e = sub.add_parser("eval", parents=[shared], help="accuracy against N for each algorithm (a scaling curve)")
+    e.add_argument("--out-dir", required=True, help="results.json, results.png and the per-problem cache; a rerun "
+                   "resumes from the cache")
+    e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
+    e.add_argument("--budgets", nargs="+", type=positive_int, default=[1, 2, 4, 8], help="particles (N)")
 
     t = sub.add_parser("tree", help="draw one problem's search tree from a --tree JSONL")
     t.add_argument("tree_file", metavar="TREE.jsonl")
@@ -366,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad option (already reported)
         return exc.code
     try:
-        return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "tree": tree}[args.command](args)
+        return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "eval": evaluate_command,
+                "tree": tree}[args.command](args)
     except KeyboardInterrupt:
         print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
         return 130

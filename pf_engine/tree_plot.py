@@ -10,10 +10,10 @@ Within a column, nodes sit in their parents' order, so lineages rarely cross. Pa
 sweeps are drawn one under the other, with the reference path's replayed steps marked.
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pf_engine.files import replace_atomically
 
 
 @dataclass
@@ -124,16 +124,10 @@ def plot_tree(records: list[dict], path, leaves: list[int], chosen_leaf: int | N
     if title and len(layout.sweeps) > 1:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:  # whole or not at all
-        fig.savefig(part, dpi=110, format=path.suffix.lstrip(".") or "png")
-        os.replace(part, path)
+    try:
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
-        if os.path.exists(part):
-            os.remove(part)
 
 
 def plot_tree_file(tree_jsonl, problem: int, path) -> None:

@@ -1,0 +1,30 @@
+"""Output files written whole or not at all: a temporary file beside the target, renamed over it
+once complete (a rename within a folder is atomic), removed if anything fails."""
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def replace_atomically(path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomically(path, lines: Iterable[str]) -> None:
+    """Every line of ``lines``, or nothing."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for line in lines:
+                f.write(line + "\n")
+
+    replace_atomically(path, write)
