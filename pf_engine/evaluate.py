@@ -81,8 +81,11 @@ def plot_curves(rows: list[dict], path) -> None:
         budgets = [r["particles"] for r in mine]
         left.plot(budgets, [r["accuracy"] for r in mine], marker="o", label=algorithm)
         right.plot(budgets, [r["tokens_per_problem"] for r in mine], marker="o", label=algorithm)
+    budgets = sorted({r["particles"] for r in rows})
     for ax, label in ((left, "accuracy"), (right, "tokens generated per problem")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("particles (N)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
