@@ -15,7 +15,7 @@ from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
 from pf_engine.philox import MAX_PROBLEMS
 from pf_engine.prm import ClassHeadPRM, OutcomeRM, RulePRM, TokenPairPRM, ValueHeadPRM
-from pf_engine.prm_format import PRESETS, PRMFormat
+from pf_engine.prm_format import PRESETS, PRMFormat, single_token
 from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
@@ -66,8 +66,6 @@ class Result:
         with open(path, "w") as f:
             for record in self.tree_records():
                 f.write(json.dumps(record) + "\n")
-
-
 
 
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -151,6 +149,7 @@ class Engine:
         self.policy = ModelRunner(policy_model, num_blocks, block_size, backend)
         prm_engine = None
         fmt = None if prm_format is None else as_prm_format(prm_format)
+        marker_name = "the PRM format's marker"  # what an error calls it: the argument it came from, if one did
         if prm_model is not None:
             runner = ModelRunner(prm_model, num_blocks, block_size, backend)
             if hasattr(prm_model, "step_values"):
@@ -158,24 +157,21 @@ class Engine:
                 prm_engine = ValueHeadPRM(runner, fmt.marker_id(prm_tokenizer))
             elif hasattr(prm_model, "class_logits"):
                 if fmt is None:
-                    fmt = PRMFormat(marker=prm_separator)
-                    marker = _single_token(prm_tokenizer, prm_separator, "prm_separator")
-                prm_engine = ClassHeadPRM(runner, marker if prm_format is None else fmt.marker_id(prm_tokenizer))
+                    fmt, marker_name = PRMFormat(marker=prm_separator), "prm_separator"
+                prm_engine = ClassHeadPRM(runner, fmt.marker_id(prm_tokenizer, marker_name))
             else:
                 if fmt is None:
                     if prm_step_tag is None:
                         raise ValueError("a language-model PRM needs prm_format= (a preset) or prm_step_tag, prm_good "
                                          "and prm_bad")
-                    fmt = PRMFormat(marker=prm_step_tag)
-                    marker = _single_token(prm_tokenizer, prm_step_tag, "prm_step_tag")
-                else:
-                    marker = fmt.marker_id(prm_tokenizer)
+                    fmt, marker_name = PRMFormat(marker=prm_step_tag), "prm_step_tag"
                 good, bad = prm_good or fmt.good, prm_bad or fmt.bad
                 if None in (good, bad):
                     raise ValueError("a language-model PRM needs prm_step_tag, prm_good and prm_bad (or a prm_format "
                                      "that names its good and bad tokens)")
-                prm_engine = TokenPairPRM(runner, marker, _single_token(prm_tokenizer, good, "prm_good"),
-                                          _single_token(prm_tokenizer, bad, "prm_bad"))
+                prm_engine = TokenPairPRM(runner, fmt.marker_id(prm_tokenizer, marker_name),
+                                          single_token(prm_tokenizer, good, "prm_good"),
+                                          single_token(prm_tokenizer, bad, "prm_bad"))
         elif prm is not None:
             prm_engine = RulePRM(prm)
         self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer, fmt)
@@ -308,10 +304,3 @@ def _question(problem, index: int) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"problem {index} is empty")
     return text
-
-
-def _single_token(tokenizer, text: str, name: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{name} {text!r} is {len(ids)} tokens for the PRM's tokenizer; it must be exactly one")
-    return ids[0]

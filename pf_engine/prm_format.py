@@ -72,15 +72,11 @@ class PRMFormat:
             return _encode(tokenizer, before)
         return _encode(tokenizer, _chat(tokenizer, self._turns(question + self.question_suffix), True))
 
-    def marker_id(self, tokenizer) -> int:
-        """The token read after each step."""
+    def marker_id(self, tokenizer, name: str = "the PRM format's marker") -> int:
+        """The token read after each step (``name``: what an error calls the marker)."""
         if self.conversation:
             return _encode(tokenizer, self._turn_end(tokenizer))[-1]
-        ids = _encode(tokenizer, self.marker)
-        if len(ids) != 1:
-            raise ValueError(f"the PRM format's marker {self.marker!r} is {len(ids)} tokens for the PRM's tokenizer; "
-                             "it must be exactly one")
-        return ids[0]
+        return single_token(tokenizer, self.marker, name)
 
     def step_ids(self, tokenizer, index: int, text: str) -> list[int]:
         """Step ``index`` (0 first) of a particle, without the marker that follows it."""
@@ -158,6 +154,14 @@ def _chat(tokenizer, turns: list[dict], generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this PRM format uses a chat template, and the PRM's tokenizer has none")
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def single_token(tokenizer, text: str, name: str) -> int:
+    """The one token ``text`` is for ``tokenizer``; an error naming ``name`` if it is not one."""
+    ids = _encode(tokenizer, text)
+    if len(ids) != 1:
+        raise ValueError(f"{name} {text!r} is {len(ids)} tokens for the PRM's tokenizer; it must be exactly one")
+    return ids[0]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
