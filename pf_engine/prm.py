@@ -109,13 +109,11 @@ class OutcomeRM:
     def score(self, question: str, answers: list[str]) -> list[float]:
         prompt, answer_ids = self.token_ids(question, answers)
         bm = self.runner.manager
-        made = []
+        root = bm.allocate(0)
         try:
-            root = bm.allocate(0)
-            made.append(root)
             opening = self.runner.forward([root], [prompt])[-1:]
             written = [i for i, ids in enumerate(answer_ids) if ids]
-            scores = self._score(root, [answer_ids[i] for i in written], made) if written else []
+            scores = self._score(root, [answer_ids[i] for i in written]) if written else []
             with torch.inference_mode():  # an empty answer with nothing after it: read where it would start
                 empty = self.runner.model.outcome_scores(opening).float().item()
             out = [empty] * len(answers)
@@ -123,32 +121,29 @@ class OutcomeRM:
                 out[i] = score
             return out
         finally:
-            for seq in made:
-                bm.free(seq)
+            bm.free(root)
 
-    def _score(self, root: int, answer_ids: list[list[int]], made: list[int]) -> list[float]:
-        """All answers at once; halves where the cache cannot hold them together."""
+    def _score(self, root: int, answer_ids: list[list[int]]) -> list[float]:
+        """All answers at once, each on a fork of ``root`` (freed before returning); halves where
+        the cache cannot hold them together."""
         bm = self.runner.manager
-        seqs = [bm.fork(root) for _ in answer_ids]
-        made.extend(seqs)
+        seqs = []
         try:
-            hidden = self.runner.forward(seqs, answer_ids)
+            for _ in answer_ids:
+                seqs.append(bm.fork(root))
+            hidden = self.runner.forward(seqs, answer_ids)[ModelRunner.last_token_index(answer_ids)]
+            with torch.inference_mode():
+                return self.runner.model.outcome_scores(hidden).float().tolist()
         except OutOfBlocksError:
             if len(answer_ids) == 1:
                 raise OutOfBlocksError(f"the outcome reward model's KV cache ({bm.num_blocks} blocks) cannot hold "
                                        f"the question and one answer of {len(answer_ids[0])} tokens: raise "
                                        "kv_cache_memory") from None
+        finally:
             for seq in seqs:
                 bm.free(seq)
-                made.remove(seq)
-            half = len(answer_ids) // 2
-            return self._score(root, answer_ids[:half], made) + self._score(root, answer_ids[half:], made)
-        with torch.inference_mode():
-            scores = self.runner.model.outcome_scores(hidden[ModelRunner.last_token_index(answer_ids)]).float()
-        for seq in seqs:
-            bm.free(seq)
-            made.remove(seq)
-        return scores.cpu().tolist()
+        half = len(answer_ids) // 2
+        return self._score(root, answer_ids[:half]) + self._score(root, answer_ids[half:])
 
 
 class RulePRM:
