@@ -58,7 +58,7 @@ class Result:
         the chosen answer's path red, particle Gibbs' replayed reference steps ringed."""
         from pf_engine.tree_plot import plot_tree
 
-        plot_tree(self.tree_records(), path, self.leaves, self.leaves[self.chosen] if self.leaves else None,
+        plot_tree(self.tree_records(), path,
                   title=self.question if len(self.question) <= 80 else self.question[:77] + "...")
 
     def write_tree(self, path: str | Path) -> None:

@@ -27,10 +27,12 @@ class TreeLayout:
     sweeps: list[int]
 
 
-def tree_layout(records: list[dict], leaves: list[int], chosen_leaf: int | None) -> TreeLayout:
-    """``records``: the tree's nodes (TreeNode fields); ``leaves``: the final particles' newest
-    nodes; ``chosen_leaf``: the chosen particle's newest node."""
+def tree_layout(records: list[dict]) -> TreeLayout:
+    """``records``: the tree's nodes as ``Result.tree_records`` gives them (TreeNode fields, and
+    ``final`` / ``chosen`` for the final particles' newest steps and the chosen one's)."""
     by_id = {r["node"]: r for r in records}
+    leaves = [r["node"] for r in records if r.get("final")]  # absent from trees written before they were kept
+    chosen_leaf = next((r["node"] for r in records if r.get("chosen")), None)
 
     def path(node: int) -> list[int]:
         nodes = []
@@ -59,9 +61,9 @@ def tree_layout(records: list[dict], leaves: list[int], chosen_leaf: int | None)
     return TreeLayout(x, y, alive, chosen, sweeps)
 
 
-def plot_tree(records: list[dict], path, leaves: list[int], chosen_leaf: int | None = None,
-              title: str | None = None) -> None:
-    """Draw the tree of one problem to ``path`` (PNG, or any format matplotlib writes)."""
+def plot_tree(records: list[dict], path, title: str | None = None) -> None:
+    """Draw the tree of one problem (its :func:`tree_layout` records) to ``path`` (PNG, or any
+    format matplotlib writes)."""
     try:
         import matplotlib
 
@@ -73,7 +75,7 @@ def plot_tree(records: list[dict], path, leaves: list[int], chosen_leaf: int | N
         raise ImportError("tree pictures need matplotlib: pip install matplotlib") from exc
     if not records:
         raise ValueError("the tree has no nodes to draw")
-    layout = tree_layout(records, leaves, chosen_leaf)
+    layout = tree_layout(records)
     width = max(layout.x.values()) + 1
     height = max(layout.y.values()) + 1
     fig, axes = plt.subplots(len(layout.sweeps), 1, squeeze=False,
@@ -145,6 +147,4 @@ def plot_tree_file(tree_jsonl, problem: int, path) -> None:
                 records.append(record)
     if not records:
         raise ValueError(f"{tree_jsonl} holds no nodes of problem {problem}")
-    leaves = [r["node"] for r in records if r.get("final")]
-    chosen = next((r["node"] for r in records if r.get("chosen")), None)
-    plot_tree(records, path, leaves, chosen, title=f"problem {problem}")
+    plot_tree(records, path, title=f"problem {problem}")

@@ -24,7 +24,7 @@ def test_the_layout_follows_the_tree(gibbs_result):
     r = gibbs_result
     records = r.tree_records()
     by_id = {n["node"]: n for n in records}
-    layout = tree_layout(records, r.leaves, r.leaves[r.chosen])
+    layout = tree_layout(records)
     assert layout.sweeps == [0, 1]
     last = [n for n in records if n["iteration"] == 1]
     # the last sweep: alive exactly when some final particle descends from it
