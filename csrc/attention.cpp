@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <limits>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace pf_engine {
@@ -170,17 +170,12 @@ __attribute__((target("avx512f"))) void attend_avx512(const DecodeAttention& a, 
 
 using Pass = void (*)(const DecodeAttention&, int64_t, OnlineState&);
 
-template <int V>
-void avx512_entry(const DecodeAttention& a, int64_t seq, OnlineState& st) {
-  attend_avx512<V>(a, seq, st);
-}
-
 // The AVX-512 pass for this head_dim, or null where the portable pass runs.
 Pass avx512_pass(int64_t head_dim) {
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   if (!has_avx512 || head_dim % 16 != 0 || head_dim / 16 > kMaxVectors) return nullptr;
-  static constexpr Pass passes[kMaxVectors] = {avx512_entry<1>, avx512_entry<2>, avx512_entry<3>, avx512_entry<4>,
-                                               avx512_entry<5>, avx512_entry<6>, avx512_entry<7>, avx512_entry<8>};
+  static constexpr Pass passes[kMaxVectors] = {attend_avx512<1>, attend_avx512<2>, attend_avx512<3>, attend_avx512<4>,
+                                               attend_avx512<5>, attend_avx512<6>, attend_avx512<7>, attend_avx512<8>};
   return passes[head_dim / 16 - 1];
 }
 
@@ -195,8 +190,7 @@ void paged_decode_attention(const DecodeAttention& a, int num_threads) {
   // core's cache.
   std::vector<int64_t> ends(a.num_seqs + 1, 0);
   for (int64_t i = 0; i < a.num_seqs; ++i) ends[i + 1] = ends[i] + a.seq_lens[i];
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads, a.num_seqs));
-  auto run = [&](int64_t w) {
+  run_workers(num_threads, a.num_seqs, [&](int64_t w, int64_t workers) {
     const auto first = std::lower_bound(ends.begin(), ends.end(), ends.back() * w / workers) - ends.begin();
     const auto last = std::lower_bound(ends.begin(), ends.end(), ends.back() * (w + 1) / workers) - ends.begin();
     OnlineState st;
@@ -208,11 +202,7 @@ void paged_decode_attention(const DecodeAttention& a, int num_threads) {
         attend_portable(a, seq, scores);
       }
     }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t w = 1; w < workers; ++w) threads.emplace_back(run, w);
-  run(0);
-  for (auto& t : threads) t.join();
+  });
 }
 
 }  // namespace pf_engine

@@ -1,8 +1,8 @@
 #include "sampling.h"
 
 #include <algorithm>
-#include <thread>
-#include <vector>
+
+#include "parallel.h"
 
 namespace pf_engine {
 
@@ -49,16 +49,11 @@ void draw(const float* probs, const float* uniforms, int64_t first, int64_t n, i
 void inverse_cdf_sample(const float* probs, const float* uniforms, int64_t num_rows, int64_t vocab, int64_t* out,
                         int num_threads) {
   const int64_t groups = (num_rows + kRows - 1) / kRows;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(num_threads, groups));
-  auto run = [&](int64_t w) {
+  run_workers(num_threads, groups, [&](int64_t w, int64_t workers) {
     for (int64_t g = groups * w / workers; g < groups * (w + 1) / workers; ++g) {
       draw(probs, uniforms, g * kRows, std::min(kRows, num_rows - g * kRows), vocab, out);
     }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t w = 1; w < workers; ++w) threads.emplace_back(run, w);
-  run(0);
-  for (auto& t : threads) t.join();
+  });
 }
 
 }  // namespace pf_engine
