@@ -14,6 +14,7 @@ Each step only appends tokens to what the PRM has read, so scoring step k reads
 exactly what a PRM given the whole text in one piece reads at its k-th marker.
 """
 
+import functools
 from dataclasses import dataclass
 
 from pf_engine.prompts import PROMPT_PRESETS
@@ -108,18 +109,18 @@ class PRMFormat:
         return self._around(tokenizer)[1]
 
     def _around(self, tokenizer) -> tuple[str, str]:
-        key = (self, id(tokenizer))
-        if key not in _AROUND:  # rendered once per format and tokenizer
-            turn_end = self._render(tokenizer, "", 1).split(_SENTINELS[0])[1]
-            text = self._render(tokenizer, "", 2).split(_SENTINELS[0])[1].split(_SENTINELS[1])[0]
-            if not text.startswith(turn_end):
-                raise ValueError("the PRM tokenizer's chat template does not render a conversation's turns the same "
-                                 "way each time; a conversation-style format cannot be scored step by step with it")
-            _AROUND[key] = turn_end, text[len(turn_end):]
-        return _AROUND[key]
+        return _conversation_pieces(self, tokenizer)
 
 
-_AROUND: dict[tuple, tuple[str, str]] = {}
+@functools.lru_cache(maxsize=16)  # rendered once per format and tokenizer; the cache holds the tokenizer itself
+def _conversation_pieces(fmt: PRMFormat, tokenizer) -> tuple[str, str]:
+    """(the end of a step's user turn up to the assistant's reply, the reply and the next user turn)."""
+    turn_end = fmt._render(tokenizer, "", 1).split(_SENTINELS[0])[1]
+    text = fmt._render(tokenizer, "", 2).split(_SENTINELS[0])[1].split(_SENTINELS[1])[0]
+    if not text.startswith(turn_end):
+        raise ValueError("the PRM tokenizer's chat template does not render a conversation's turns the same way "
+                         "each time; a conversation-style format cannot be scored step by step with it")
+    return turn_end, text[len(turn_end):]
 
 
 # The presets: values from each model's card.
