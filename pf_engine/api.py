@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, Problem, TreeNode
+from pf_engine.engine import ParticleEngine, Problem, TreeNode, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
@@ -19,7 +19,7 @@ from pf_engine.prm_format import PRESETS, PRMFormat, single_token
 from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
-from pf_engine.search import SearchConfig, policy_for
+from pf_engine.search import SearchConfig, SelectionPolicy, policy_for
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -45,6 +45,10 @@ class Result:
     chosen: int = 0  # index of the particle the answer came from
     stats: dict = field(default_factory=dict)
     outcome_scores: list[float] | None = None  # the outcome reward model's score of each final particle
+    num_tokens: list[int] = field(default_factory=list)  # tokens of each final particle's text
+    # why each final particle ended, as OpenAI says it: "stop" (EOS, a boxed answer, a stop string) or
+    # "length" (max_new_tokens or max_steps)
+    finish_reasons: list[str] = field(default_factory=list)
 
     def tree_records(self) -> list[dict]:
         """Every node's fields, and whether it is a final particle's newest step (``final``) and the
@@ -209,7 +213,13 @@ class Engine:
         they were before the call.
         """
         config = config or SearchConfig()
-        questions = [_question(p, i) for i, p in enumerate(problems)]
+        policy = self.selection_policy(config)
+        states = [self.problem(p, i, key, policy) for i, (p, key) in enumerate(zip(problems, _keys(problems),
+                                                                                    strict=True))]
+        return self._stream(states)
+
+    def selection_policy(self, config: SearchConfig) -> SelectionPolicy:
+        """The search ``config`` asks for, checked against the models this engine has."""
         policy = policy_for(config)
         if policy.scores and self.core.prm is None:
             if config.algorithm != "best_of_n" or self.orm is None:
@@ -219,23 +229,31 @@ class Engine:
             policy.scores = False  # best-of-N ranked by the outcome model alone
         if config.final_answer == "outcome" and self.orm is None:
             raise ValueError("final_answer 'outcome' needs an outcome reward model: pass orm= to the Engine")
-        core = self.core
-        states = []
-        for i, (question, key) in enumerate(zip(questions, _keys(problems), strict=True)):
-            prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
-            state = Problem(index=i, key=key, question=question, num_particles=config.num_particles,
-                            prompt_ids=core.prompt_ids(question, config.system_prompt), prm_prompt_ids=prm_prompt)
-            self._check_fits(state, config)
-            states.append(state)
-        return self._stream(states, policy, config)
+        return policy
 
-    def _stream(self, states, policy, config) -> Iterator[tuple[int, "Result"]]:
-        core = self.core
-        core.begin(config.step_rules())
-        core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
-        scheduler = Scheduler(core, policy, config, states, self.bytes_per_block)
+    def problem(self, item, index: int, key: int, policy: SelectionPolicy) -> Problem:
+        """A fresh search of one problem (a string, or a dict as :meth:`stream` takes it) under ``policy``;
+        OutOfBlocksError if it can never fit the KV caches."""
+        config, core = policy.config, self.core
+        question = _question(item, index)
+        if isinstance(item, dict) and "messages" in item:
+            turns = [{"role": m["role"], "content": m["content"]} for m in _messages(item["messages"], index)]
+            prompt_ids = chat_ids(core.tokenizer, turns)
+        elif isinstance(item, dict) and "prompt" in item:
+            prompt_ids = core.tokenizer.encode(item["prompt"], add_special_tokens=True)
+        else:
+            prompt_ids = core.prompt_ids(question, config.system_prompt)
+        prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
+        problem = Problem(index=index, key=key, question=question, num_particles=config.num_particles,
+                          prompt_ids=prompt_ids, prm_prompt_ids=prm_prompt, rules=config.step_rules(), policy=policy)
+        self._check_fits(problem, config)
+        return problem
+
+    def _stream(self, states: list[Problem]) -> Iterator[tuple[int, "Result"]]:
+        self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
+        scheduler = Scheduler(self.core, self.bytes_per_block, states)
         for problem in scheduler.run():
-            yield problem.index, self._result(problem, config)
+            yield problem.index, self.result(problem)
 
     def _check_fits(self, problem: Problem, config: SearchConfig) -> None:
         """OutOfBlocksError unless the problem fits alone at its minimum: its prompt, and for
@@ -253,8 +271,9 @@ class Engine:
                 f"kv_cache_memory ({size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory or lower "
                 f"num_particles / max_step_tokens")
 
-    def _result(self, problem: Problem, config: SearchConfig) -> Result:
-        n = problem.num_particles
+    def result(self, problem: Problem) -> Result:
+        """The outcome of a problem whose search has ended."""
+        config, n = problem.policy.config, problem.num_particles
         steps = [problem.steps(slot) for slot in range(n)]
         texts = ["".join(s) for s in steps]
         weights = problem.weights.tolist()
@@ -276,8 +295,11 @@ class Engine:
                  "discarded_tokens": problem.discarded_tokens,
                  "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
                  "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
+        lengths = problem.num_tokens.tolist()
+        reasons = ["stop" if done and not capped else "length"
+                   for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
-                      problem.leaf.tolist(), chosen, stats, outcome)
+                      problem.leaf.tolist(), chosen, stats, outcome, lengths, reasons)
 
 
 def _keys(problems) -> list[int]:
@@ -293,14 +315,33 @@ def _keys(problems) -> list[int]:
 
 
 def _question(problem, index: int) -> str:
+    """What the PRM and the answer read as the question: the text, the "problem" or "question" field, the
+    raw "prompt", or the last user turn of "messages"."""
     if isinstance(problem, str):
         text = problem
     elif isinstance(problem, dict):
-        text = problem.get("problem", problem.get("question"))
+        text = problem.get("problem", problem.get("question", problem.get("prompt")))
+        if "messages" in problem:
+            users = [m.get("content") for m in _messages(problem["messages"], index) if m.get("role") == "user"]
+            if not users:
+                raise ValueError(f"problem {index}: messages hold no user turn")
+            text = users[-1]
         if text is None:
-            raise ValueError(f"problem {index} has neither a 'problem' nor a 'question' field: {sorted(problem)}")
+            raise ValueError(f"problem {index} has none of the fields 'problem', 'question', 'prompt' and "
+                             f"'messages': {sorted(problem)}")
     else:
         raise TypeError(f"problem {index} must be a string or a dict, got {type(problem).__name__}")
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"problem {index} is empty")
     return text
+
+
+def _messages(messages, index: int) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"problem {index}: messages must be a non-empty list of turns")
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(turn.get("content"), str):
+            raise ValueError(f"problem {index}: each turn of messages needs a role (system, user or assistant) "
+                             f"and a string content, got {turn!r}")
+    return messages

@@ -37,6 +37,8 @@ from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
 from pf_engine.step_end import StepEndTables, advance_boxed, token_texts
 
+MAX_RULES = 256  # distinct step rules kept before those of no placed row are dropped
+
 
 @dataclass
 class TreeNode:
@@ -69,6 +71,7 @@ class StepRules:
     max_new_tokens: int
     stop_at_boxed: bool
     delimiter: str
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(eq=False)
@@ -88,6 +91,9 @@ class Problem:
     num_particles: int
     prompt_ids: list[int]
     prm_prompt_ids: list[int] | None
+    rules: StepRules
+    policy: object = None  # the search's SelectionPolicy (pf_engine.search): what the scheduler does after a round
+    lane: int = -1  # while placed: its small id in the engine's rows (``Rows.problem``), given by the scheduler
     sweep: int = 0
     step: int = 0  # round within the sweep
     tree: list[TreeNode] = field(default_factory=list)
@@ -116,6 +122,7 @@ class Problem:
         self.step = 0
         self.leaf = np.full(n, -1, dtype=np.int64)
         self.finished = np.zeros(n, dtype=bool)
+        self.capped = np.zeros(n, dtype=bool)  # finished by max_new_tokens alone (OpenAI's finish reason "length")
         self.num_tokens = np.zeros(n, dtype=np.int64)
         self.boxed = np.zeros((n, 2), dtype=np.int64)  # \\boxed{ tracker: (chars matched, open braces)
         self.aggregates = torch.zeros(n)
@@ -174,12 +181,22 @@ class Rows:
     Per-token work reads and writes these arrays for all writing rows at once.
     """
 
-    def __init__(self, max_step_tokens: int, hidden_size: int, dtype, device):
-        self.max_step_tokens = max_step_tokens
+    def __init__(self, hidden_size: int, dtype, device):
+        self.max_step_tokens = 1  # the width of the step-token arrays: the widest placed problem's steps
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.capacity = 0
         self.free: list[int] = []
         self._grow(64)
+
+    def widen(self, max_step_tokens: int) -> None:
+        """Make room for steps of ``max_step_tokens`` tokens (problems of differing configs share the rows)."""
+        if max_step_tokens <= self.max_step_tokens:
+            return
+        for name in ("tokens", "forced_tokens"):
+            array = np.zeros((self.capacity, max_step_tokens), dtype=np.int64)
+            array[:, :self.max_step_tokens] = getattr(self, name)
+            setattr(self, name, array)
+        self.max_step_tokens = max_step_tokens
 
     def _grow(self, capacity: int) -> None:
         old = self.capacity
@@ -193,9 +210,9 @@ class Rows:
         for name, dtype in (("seq_id", np.int64), ("prm_seq_id", np.int64), ("key", np.int64),
                             ("slot", np.int64), ("round", np.int64), ("problem", np.int64),
                             ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
-                            ("forced_len", np.int64)):
+                            ("forced_len", np.int64), ("rule", np.int64)):
             extend(name, (), dtype)
-        for name in ("writing", "finished", "forcing", "forced_finishes"):
+        for name in ("writing", "finished", "capped", "forcing", "forced_finishes"):
             extend(name, (), bool)
         extend("boxed", (2,), np.int64)
         extend("tokens", (self.max_step_tokens,), np.int64)
@@ -257,7 +274,8 @@ class ParticleEngine:
         self._texts: list[str] | None = None
         self._tables: dict[str, StepEndTables] = {}
         self.rows: Rows | None = None
-        self.rules: StepRules | None = None
+        self.rules: list[StepRules] = []  # Rows.rule indexes it: the step rules of every problem placed so far
+        self._rule_ids: dict[StepRules, int] = {}
 
     # -- set-up ----------------------------------------------------------------
     def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
@@ -281,12 +299,31 @@ class ParticleEngine:
             self._tables[delimiter] = StepEndTables(self._texts, delimiter, self.eos_ids)
         return self._tables[delimiter]
 
-    def begin(self, rules: StepRules) -> None:
-        """Get ready for one call's problems (fresh rows; the step-end tables of its delimiter)."""
-        self.rules = rules
-        self.tables = self.step_end_tables(rules.delimiter)
+    def begin(self) -> None:
+        """Fresh rows, for a scheduler that starts with nothing placed."""
         hidden_size = self.policy.model.config.hidden_size
-        self.rows = Rows(rules.max_step_tokens, hidden_size, self.policy.kv_cache.kv.dtype, self.policy.device)
+        self.rows = Rows(hidden_size, self.policy.kv_cache.kv.dtype, self.policy.device)
+
+    def _rule_id(self, rules: StepRules) -> int:
+        """The index of ``rules`` in :attr:`rules` (added where new)."""
+        rule_id = self._rule_ids.get(rules)
+        if rule_id is None:
+            if len(self.rules) >= MAX_RULES:
+                self._compact_rules()
+            rule_id = self._rule_ids[rules] = len(self.rules)
+            self.rules.append(rules)
+        return rule_id
+
+    def _compact_rules(self) -> None:
+        """Keep only the rules (and step-end tables) of placed rows: a long-lived server sees a new
+        seed, so new rules, with nearly every request."""
+        r = self.rows
+        placed = np.setdiff1d(np.arange(r.capacity), r.free)
+        used, r.rule[placed] = np.unique(r.rule[placed], return_inverse=True)
+        self.rules = [self.rules[i] for i in used.tolist()]
+        self._rule_ids = {rule: i for i, rule in enumerate(self.rules)}
+        delimiters = {rule.delimiter for rule in self.rules}
+        self._tables = {d: t for d, t in self._tables.items() if d in delimiters}
 
     # -- placing and evicting problems -------------------------------------------
     @_timed("prefill")
@@ -326,14 +363,16 @@ class ParticleEngine:
             problem.prm_tokens += len(problem.prm_prompt_ids)
             prm_seqs, _ = self._rebuild(self.prm_runner, problem, problem.prm_root, None,
                                         self._prm_node_tokens(problem), created)
-        rows = self.rows.take(problem.num_particles)
-        problem.rows = rows
         r = self.rows
+        rows = r.take(problem.num_particles)
+        problem.rows = rows
+        r.widen(problem.rules.max_step_tokens)
+        r.rule[rows] = self._rule_id(problem.rules)
         r.seq_id[rows] = seqs
         r.prm_seq_id[rows] = [-1 if s is None else s for s in prm_seqs]
         r.key[rows] = problem.key
         r.slot[rows] = np.arange(problem.num_particles)
-        r.problem[rows] = problem.index
+        r.problem[rows] = problem.lane
         r.hidden[torch.from_numpy(rows)] = torch.stack(hiddens)
 
     def blocks_to_place(self, problem: Problem) -> int:
@@ -432,9 +471,10 @@ class ParticleEngine:
     def begin_round(self, problem: Problem) -> None:
         """Every live particle of ``problem`` starts writing its next step."""
         problem.committed = None
-        r, rows, rules = self.rows, problem.rows, self.rules
+        r, rows, rules = self.rows, problem.rows, problem.rules
         r.writing[rows] = ~problem.finished
         r.finished[rows] = problem.finished
+        r.capped[rows] = problem.capped
         r.step_len[rows] = 0
         r.delim[rows] = 0
         r.num_tokens[rows] = problem.num_tokens
@@ -453,14 +493,27 @@ class ParticleEngine:
 
         Returns (tokens, feed, stopped): the rows' tokens, which rows go on to the
         model (all but those whose particle finished), and which stopped writing
-        (step ended or particle finished).
+        (step ended or particle finished). Rows of differing step rules draw and
+        stop by their own, from one LM-head call.
         """
-        r, rules, tables = self.rows, self.rules, self.tables
+        r = self.rows
+        logits = self.policy.logits(r.hidden[torch.from_numpy(rows)])
+        rule_of = r.rule[rows]
+        if (rule_of == rule_of[0]).all():
+            return self._sample(rows, logits, self.rules[rule_of[0]])
+        tokens, feed, stopped = (np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=bool),
+                                 np.empty(len(rows), dtype=bool))
+        for rule_id in np.unique(rule_of).tolist():
+            part = np.flatnonzero(rule_of == rule_id)
+            tokens[part], feed[part], stopped[part] = self._sample(
+                rows[part], logits[torch.from_numpy(part).to(logits.device)], self.rules[rule_id])
+        return tokens, feed, stopped
+
+    def _sample(self, rows: np.ndarray, logits: torch.Tensor, rules: StepRules):
+        r, tables = self.rows, self.step_end_tables(rules.delimiter)
         step_len = r.step_len[rows]
         keys = ((r.key[rows] << (ROUND_BITS + SLOT_BITS + TOKEN_BITS)) | (r.round[rows] << (SLOT_BITS + TOKEN_BITS))
                 | (r.slot[rows] << TOKEN_BITS) | step_len)
-        hidden = r.hidden[torch.from_numpy(rows)]
-        logits = self.policy.logits(hidden)
         uniforms = philox_uniform(rules.seed, torch.from_numpy(keys))
         tokens = sample(logits, rules.sampling, uniforms=uniforms.to(logits.device)).cpu().numpy()
         forcing = r.forcing[rows]
@@ -481,12 +534,14 @@ class ParticleEngine:
         matched = tables.matched[tokens, state]
         r.delim[rows] = tables.next_state[tokens, state]
         step_done = matched | (step_len >= rules.max_step_tokens)
-        finished |= ~forcing & (num_tokens >= rules.max_new_tokens)
+        capped = ~finished & ~forcing & (num_tokens >= rules.max_new_tokens)
+        finished |= capped
         if forcing.any():
             replayed = step_len[forcing] == r.forced_len[rows[forcing]]
             step_done[forcing] = replayed
             finished[forcing] |= replayed & r.forced_finishes[rows[forcing]]
         r.finished[rows] = finished
+        r.capped[rows] = capped
         stopped = finished | step_done
         r.writing[rows] = ~stopped
         return tokens, ~finished, stopped
@@ -511,10 +566,19 @@ class ParticleEngine:
                for s in slots]
         texts = self.decode(ids) if ids else []
         steps, i = [], 0
-        for slots in stepped:
-            steps.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
+        for p, slots in zip(problems, stepped, strict=True):
+            steps.append([(s, ids[i + k], self._cut_at_stop(p, s, texts[i + k])) for k, s in enumerate(slots)])
             i += len(slots)
         return Round(problems, steps)
+
+    def _cut_at_stop(self, problem: Problem, slot: int, text: str) -> str:
+        """A step's text up to the first of the rules' stop strings in it (which finishes the particle)."""
+        cut = min((at for at in (text.find(stop) for stop in problem.rules.stop) if at >= 0), default=-1)
+        if cut < 0:
+            return text
+        self.rows.finished[problem.rows[slot]] = True
+        self.rows.capped[problem.rows[slot]] = False
+        return text[:cut]
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;
@@ -530,8 +594,8 @@ class ParticleEngine:
     def commit_round(self, problem: Problem, steps: list[tuple[int, list[int], str]]) -> list[int]:
         """The round's steps join the tree and the particles' durable state; returns their nodes."""
         r, rows = self.rows, problem.rows
-        problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.num_tokens,
-                             problem.boxed)
+        problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.capped,
+                             problem.num_tokens, problem.boxed)
         nodes = []
         for slot, ids, text in steps:
             row = rows[slot]
@@ -545,6 +609,7 @@ class ParticleEngine:
             problem.leaf[slot] = node.node
             nodes.append(node.node)
         problem.finished = r.finished[rows].copy()
+        problem.capped = r.capped[rows].copy()
         problem.num_tokens = r.num_tokens[rows].copy()
         problem.boxed = r.boxed[rows].copy()
         problem.forced = {}
@@ -554,7 +619,7 @@ class ParticleEngine:
         """Take back the round :meth:`commit_round` added, if the problem has not moved past it."""
         if problem.committed is None:
             return
-        size, problem.leaf, problem.finished, problem.num_tokens, problem.boxed = problem.committed
+        size, problem.leaf, problem.finished, problem.capped, problem.num_tokens, problem.boxed = problem.committed
         del problem.tree[size:], problem.node_tokens[size:]
         problem.committed = None
 
@@ -609,7 +674,7 @@ class ParticleEngine:
         r.hidden[torch.from_numpy(rows)] = r.hidden[torch.from_numpy(rows[ancestors])]
         for node in problem.leaf[ancestors].tolist():
             problem.tree[node].num_children += 1
-        for name in ("leaf", "finished", "num_tokens", "boxed"):
+        for name in ("leaf", "finished", "capped", "num_tokens", "boxed"):
             setattr(problem, name, getattr(problem, name)[ancestors])
 
     # -- particle Gibbs ----------------------------------------------------------
@@ -692,10 +757,14 @@ def _as_list(x) -> list:
 
 def _chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
     """The question as a user turn of the tokenizer's chat template (plain text where it has none)."""
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    return chat_ids(tokenizer, turns + [{"role": "user", "content": question}])
+
+
+def chat_ids(tokenizer, turns: list[dict]) -> list[int]:
+    """A conversation as the tokenizer's chat template renders it, ready for the assistant's turn; without a
+    template, the turns' texts a blank line apart."""
     if getattr(tokenizer, "chat_template", None):
-        turns = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        turns.append({"role": "user", "content": question})
         ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = question + "\n" if system_prompt is None else f"{system_prompt}\n\n{question}\n"
-    return tokenizer.encode(text, add_special_tokens=True)
+    return tokenizer.encode("\n\n".join(t["content"] for t in turns) + "\n", add_special_tokens=True)

@@ -1,5 +1,11 @@
 """Continuous batching over problems.
 
+Each problem brings its own search (config and selection policy): problems of
+different configs decode in the same forwards, and those of one policy object
+end their rounds in one fused call. Problems can be added while others run
+(a server's requests join at the next iteration) and cancelled between
+iterations.
+
 Problems wait in a queue and are admitted while the pools' free blocks allow
 (keeping a small reserve), not by their worst case. Every forward batches the
 writing particles of all running problems, one token each. A problem whose live
@@ -19,7 +25,7 @@ One iteration::
     admit()      waiting -> running while blocks allow
     sample()     one token for every writing particle, step-end rules
     feed()       the forward (preempting the newest problem while it does not fit)
-    end_rounds() problems whose step ended everywhere: score, weigh, select, follow
+    end_rounds() problems whose step ended everywhere, by policy: score, weigh, select, follow
 """
 
 from collections import deque
@@ -32,7 +38,6 @@ from pf_engine.engine import ParticleEngine, Problem
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.philox import RESAMPLE_TOKEN, search_uniforms
 from pf_engine.search.config import SearchConfig
-from pf_engine.search.policy import SelectionPolicy
 
 # Admission keeps this share of a pool free beyond the running round's needs (copy-on-write
 # copies, rounds that outgrow a step); preemption handles what it does not cover.
@@ -40,17 +45,33 @@ RESERVE_FRACTION = 0.02
 
 
 class Scheduler:
-    """Runs ``problems`` (fresh Problems) under one search config; :meth:`run` yields each
-    Problem as it finishes."""
+    """Runs Problems (fresh, each with its ``rules`` and ``policy``) to the end of their searches.
 
-    def __init__(self, engine: ParticleEngine, policy: SelectionPolicy, config: SearchConfig,
-                 problems: list[Problem], bytes_per_block: int):
-        self.engine, self.policy, self.config = engine, policy, config
+    NOTE: a problem is in exactly one of ``waiting`` and ``running`` from :meth:`add` until
+    it finishes or is cancelled; a running problem holds a lane (``problem.lane``, its
+    index in ``lanes``) and its rows and sequences, a waiting one none of them.
+    """
+
+    def __init__(self, engine: ParticleEngine, bytes_per_block: int, problems: list[Problem] = ()):
+        self.engine = engine
         self.waiting: deque[Problem] = deque(problems)
         self.running: list[Problem] = []  # in admission order: the newest is preempted first
         self.bytes_per_block = bytes_per_block
-        self.generated = np.zeros(len(problems), dtype=np.int64)  # tokens drawn per problem index
+        self.lanes: list[Problem | None] = []
+        self.generated = np.zeros(0, dtype=np.int64)  # tokens drawn per lane since it was taken
         self.num_preemptions = 0
+        engine.begin()
+
+    def add(self, problem: Problem) -> None:
+        self.waiting.append(problem)
+
+    def cancel(self, problem: Problem) -> None:
+        """Take ``problem`` out (between iterations): its blocks and rows go back to the pools."""
+        if problem in self.waiting:
+            self.waiting.remove(problem)
+        elif problem in self.running:
+            self.engine.rollback(problem)
+            self._leave(problem)
 
     @property
     def managers(self) -> list:
@@ -64,13 +85,36 @@ class Scheduler:
         before = [set(manager.seq_ids().tolist()) for manager in self.managers]
         try:
             while self.waiting or self.running:
-                self.admit()
-                yield from self.step()
+                yield from self.iterate()
         except BaseException:
             for manager, kept in zip(self.managers, before, strict=True):
                 for seq in set(manager.seq_ids().tolist()) - kept:
                     manager.free(seq)
             raise
+
+    def iterate(self) -> list[Problem]:
+        """One iteration: admit, then one token for every writing particle; returns the problems
+        that finished in it."""
+        self.admit()
+        return self.step()
+
+    def _take_lane(self, problem: Problem) -> None:
+        free = [i for i, p in enumerate(self.lanes) if p is None]
+        if not free:
+            free = [len(self.lanes)]
+            self.lanes.append(None)
+            self.generated = np.append(self.generated, 0)
+        problem.lane = free[0]
+        self.lanes[problem.lane] = problem
+        self.generated[problem.lane] = 0
+
+    def _leave(self, problem: Problem) -> None:
+        """Evict a running problem, keeping the tokens it drew."""
+        problem.tokens_generated += int(self.generated[problem.lane])
+        self.engine.evict(problem)
+        self.lanes[problem.lane] = None
+        problem.lane = -1
+        self.running.remove(problem)
 
     # -- admission and preemption ------------------------------------------------
     def admit(self) -> None:
@@ -78,15 +122,19 @@ class Scheduler:
             problem = self.waiting[0]
             if self.running and not self._has_room_for(problem):
                 return
+            self._take_lane(problem)
             try:
                 self.engine.place(problem)
-            except OutOfBlocksError:
-                if self.running:
+            except BaseException as e:
+                self.lanes[problem.lane], problem.lane = None, -1
+                if isinstance(e, OutOfBlocksError) and self.running:
                     return  # wait until running problems give blocks back
-                raise self._too_big(problem, "be placed") from None
+                if isinstance(e, OutOfBlocksError):
+                    raise self._too_big(problem, "be placed") from None
+                raise
             self.waiting.popleft()
             self.running.append(problem)
-            self.policy.prepare_round(problem)
+            problem.policy.prepare_round(problem)
             self.engine.begin_round(problem)
 
     def _has_room_for(self, problem: Problem) -> bool:
@@ -95,8 +143,10 @@ class Scheduler:
         engine, rows = self.engine, self.engine.rows
         bs = engine.policy.manager.block_size
         writing = np.flatnonzero(rows.writing)
-        to_write = self.config.max_step_tokens - rows.step_len[writing]
-        round_blocks = int((-(-to_write // bs)).sum()) + problem.num_particles * -(-self.config.max_step_tokens // bs)
+        max_step_tokens = np.array([rule.max_step_tokens for rule in engine.rules])[rows.rule[writing]]
+        to_write = max_step_tokens - rows.step_len[writing]
+        round_blocks = (int((-(-to_write // bs)).sum())
+                        + problem.num_particles * -(-problem.rules.max_step_tokens // bs))
         needs = [engine.blocks_to_place(problem) + round_blocks]
         if engine.prm_runner is not None:
             needs.append(engine.prm_blocks_to_place(problem) + len(writing))
@@ -118,11 +168,10 @@ class Scheduler:
         at the start of its round (a round it had begun to end is taken back)."""
         victim.discarded_tokens += int(self.engine.rows.step_len[victim.rows].sum())  # the round it redoes
         self.engine.rollback(victim)
-        self.engine.evict(victim)
+        self._leave(victim)
         victim.forced = {}
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        self.running.remove(victim)
         self.waiting.appendleft(victim)
 
     def _too_big(self, problem: Problem, what: str) -> OutOfBlocksError:
@@ -139,16 +188,25 @@ class Scheduler:
         rows = np.flatnonzero(rows_table.writing)
         ready = []
         if len(rows):
-            by_index = {p.index: p for p in self.running}
             tokens, feed, stopped = engine.sample(rows)
-            problem_of = rows_table.problem[rows]
-            self.generated += np.bincount(problem_of, minlength=len(self.generated))
-            stops = np.bincount(problem_of[stopped], minlength=len(self.generated))
-            for index in np.flatnonzero(stops).tolist():
-                by_index[index].num_writing -= int(stops[index])
+            lane_of = rows_table.problem[rows]
+            self.generated += np.bincount(lane_of, minlength=len(self.generated))
+            stops = np.bincount(lane_of[stopped], minlength=len(self.generated))
+            for lane in np.flatnonzero(stops).tolist():
+                self.lanes[lane].num_writing -= int(stops[lane])
             self._feed(rows[feed], tokens[feed])
         ready = [p for p in self.running if p.num_writing == 0]
-        return self.end_rounds(ready) if ready else []
+        if not ready:
+            return []
+        by_policy: dict[int, list[Problem]] = {}
+        for p in ready:
+            by_policy.setdefault(id(p.policy), []).append(p)
+        finished = []
+        for group in by_policy.values():
+            group = [p for p in group if p in self.running]  # an earlier group's scoring may have preempted some
+            if group:
+                finished += self.end_rounds(group)
+        return finished
 
     def _feed(self, rows: np.ndarray, tokens: np.ndarray) -> None:
         while True:
@@ -167,7 +225,8 @@ class Scheduler:
     def end_rounds(self, ready: list[Problem]) -> list[Problem]:
         """Score, weigh, select and follow every problem in ``ready`` together; returns those
         that finished (evicted, results ready)."""
-        engine, policy, cfg = self.engine, self.policy, self.config
+        engine, policy = self.engine, ready[0].policy
+        cfg = policy.config
         n = cfg.num_particles
         batch = engine.end_round(ready)
         if policy.scores:
@@ -186,7 +245,7 @@ class Scheduler:
         if batch.prm_output is not None:
             params = cfg.resample_params(batch.reward_kind)
             while True:
-                out = engine.weigh(batch, params, self._resample_uniforms(batch.problems))
+                out = engine.weigh(batch, params, self._resample_uniforms(cfg, batch.problems))
                 try:
                     ancestors = policy.select(engine, batch, out)
                     break
@@ -211,9 +270,7 @@ class Scheduler:
         finished = []
         for p, d in zip(batch.problems, batch.done, strict=True):
             if d and not policy.end_sweep(engine, p):
-                p.tokens_generated = int(self.generated[p.index])
-                engine.evict(p)
-                self.running.remove(p)
+                self._leave(p)
                 finished.append(p)
                 continue
             if not d:
@@ -222,8 +279,9 @@ class Scheduler:
             engine.begin_round(p)
         return finished
 
-    def _resample_uniforms(self, ready: list[Problem]) -> torch.Tensor:
-        n = self.config.num_particles
+    @staticmethod
+    def _resample_uniforms(config: SearchConfig, ready: list[Problem]) -> torch.Tensor:
+        n = config.num_particles
         keys = torch.tensor([p.key for p in ready]).repeat_interleave(n)
-        rounds = torch.tensor([p.round_(self.config.max_steps) for p in ready]).repeat_interleave(n)
-        return search_uniforms(self.config.seed, keys, rounds, torch.arange(n).repeat(len(ready)), RESAMPLE_TOKEN)
+        rounds = torch.tensor([p.round_(config.max_steps) for p in ready]).repeat_interleave(n)
+        return search_uniforms(config.seed, keys, rounds, torch.arange(n).repeat(len(ready)), RESAMPLE_TOKEN)

@@ -192,6 +192,14 @@ def test_the_vote_groups_equivalent_answers(boxed_policy, algorithm):
         ({"final_answer": "longest"}, "unknown final_answer"),
         ({"max_step_tokens": 0}, "max_step_tokens"),
         ({"step_delimiter": ""}, "step_delimiter"),
+        # JSON bodies bring any type: each field names its own
+        ({"max_steps": "8"}, "max_steps must be an int, got '8'"),
+        ({"num_particles": True}, "num_particles must be an int, got True"),
+        ({"ess_threshold": "x"}, "ess_threshold must be a number or null"),
+        ({"stop_at_boxed": 1}, "stop_at_boxed must be true or false"),
+        ({"stop": "\n"}, "stop must be a list of strings"),
+        ({"stop": [""]}, "stop must be a list of non-empty strings"),
+        ({"seed": 2.5}, "seed must be an int"),
     ],
 )
 def test_config_validates_itself(kwargs, message):
@@ -202,7 +210,7 @@ def test_config_validates_itself(kwargs, message):
 def test_bad_problems_and_paths(engine, tmp_path):
     for problems, error, message in (
         ([""], ValueError, "problem 0 is empty"),
-        ([{"answer": "4"}], ValueError, "neither a 'problem' nor a 'question'"),
+        ([{"answer": "4"}], ValueError, "none of the fields 'problem', 'question'"),
         ([42], TypeError, "must be a string or a dict"),
     ):
         with pytest.raises(error, match=message):
@@ -370,9 +378,10 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
     engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
     core, config = engine.core, SearchConfig(**SMALL, temperature=0.7)
     # one round of three particles by hand: place, decode a step ending at "e", score it
-    core.begin(replace(config.step_rules(), max_step_tokens=4, delimiter="e"))
+    core.begin()
     problem = Problem(index=0, key=0, question=QUESTIONS[0], num_particles=3,
-                      prompt_ids=core.prompt_ids(QUESTIONS[0]), prm_prompt_ids=core.prm_prompt_ids(QUESTIONS[0]))
+                      prompt_ids=core.prompt_ids(QUESTIONS[0]), prm_prompt_ids=core.prm_prompt_ids(QUESTIONS[0]),
+                      rules=replace(config.step_rules(), max_step_tokens=4, delimiter="e"))
     core.place(problem)
     core.begin_round(problem)
     while core.rows.writing.any():

@@ -211,3 +211,98 @@ def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, monke
     n = CONFIGS["particle_filter"].num_particles
     for estimate, used, nodes, _ in seen:
         assert used <= estimate - n <= used + 2 * nodes + 1, (estimate, used, nodes)
+
+
+MIXED = {"particle_filter": CONFIGS["particle_filter"],
+         "best_of_n seed 5": SearchConfig(algorithm="best_of_n", seed=5, **SMALL),
+         "beam_search": CONFIGS["beam_search"],
+         "particle_gibbs": CONFIGS["particle_gibbs"],
+         "wide steps": SearchConfig(**(SMALL | dict(max_step_tokens=11, num_particles=3, temperature=1.3, top_k=5))),
+         "self_consistency": CONFIGS["self_consistency"]}
+
+
+@pytest.mark.parametrize("pool", ["roomy", "tight"])
+def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool):
+    """A server's requests each bring their own search: run together in one scheduler, added while
+    others run, each problem ends as it would alone."""
+    engine = engine_with(policy, POOLS[pool])
+    expected = {}
+    for name, config in MIXED.items():
+        expected[name] = [outcome(engine.solve([{"problem": q, "key": i}], config)[0]) for i, q in enumerate(QUESTIONS)]
+    scheduler = Scheduler(engine.core, engine.bytes_per_block)
+    jobs = [(name, i, engine.problem(q, i, i, engine.selection_policy(config)))
+            for name, config in MIXED.items() for i, q in enumerate(QUESTIONS)]
+    late = jobs[len(jobs) // 2:]
+    for _, _, problem in jobs[:len(jobs) // 2]:
+        scheduler.add(problem)
+    got, iterations = {}, 0
+    while scheduler.waiting or scheduler.running or late:
+        if iterations == 3:  # the rest join mid-flight
+            for _, _, problem in late:
+                scheduler.add(problem)
+            late = []
+        for problem in scheduler.iterate():
+            got[id(problem)] = outcome(engine.result(problem))
+        iterations += 1
+    for name, i, problem in jobs:
+        assert got[id(problem)] == expected[name][i], (name, i)
+    assert len(engine.core.rules) > 1
+    if pool == "tight":
+        assert scheduler.num_preemptions > 0
+    assert_pools_free(engine)
+
+
+def test_cancelling_gives_every_block_back_and_the_others_go_on(policy, alone):
+    engine = engine_with(policy, POOLS["tight"])
+    scheduler = Scheduler(engine.core, engine.bytes_per_block)
+    policy_ = engine.selection_policy(CONFIGS["particle_filter"])
+    problems = [engine.problem({"problem": q, "key": i}, i, i, policy_) for i, q in enumerate(QUESTIONS)]
+    for problem in problems:
+        scheduler.add(problem)
+    for _ in range(4):
+        scheduler.iterate()
+    running, waiting = scheduler.running[0], scheduler.waiting[-1]
+    used = engine.policy.manager.num_blocks - engine.policy.manager.num_free_blocks
+    scheduler.cancel(running)
+    scheduler.cancel(waiting)
+    assert engine.policy.manager.num_blocks - engine.policy.manager.num_free_blocks < used
+    assert running.rows is None and running.lane == -1 and running not in scheduler.running
+    finished = [p for p in scheduler.run()]
+    assert {id(p) for p in finished} == {id(p) for p in problems} - {id(running), id(waiting)}
+    for p in finished:
+        assert outcome(engine.result(p)) == alone["particle_filter"][p.index]
+    assert_pools_free(engine)
+
+
+def test_stop_strings_end_a_particle_before_the_string(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    plain = engine.solve(QUESTIONS[:3], CONFIGS["best_of_n"])
+    stop = max(("a", "e", "o", " "), key=lambda s: sum(s in t for r in plain for t in r.particles))
+    cut = engine.solve(QUESTIONS[:3], SearchConfig(algorithm="best_of_n", stop=[stop], **SMALL))
+    for before, after in zip(plain, cut, strict=True):
+        for text, short, reason in zip(before.particles, after.particles, after.finish_reasons, strict=True):
+            assert stop not in short
+            if stop in text:
+                assert short == text[:text.index(stop)] and reason == "stop"
+            else:
+                assert short == text
+    assert any(stop in t for r in plain for t in r.particles)
+
+
+def test_prompts_as_raw_text_or_a_conversation(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    config = CONFIGS["particle_filter"]
+    tokenizer = engine.core.tokenizer
+    chat = engine.problem({"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": QUESTIONS[0]}]}, 0, 0,
+                          engine.selection_policy(config))
+    assert chat.question == QUESTIONS[0]
+    assert chat.prompt_ids == engine.core.prompt_ids(QUESTIONS[0], "Be brief.")
+    raw = engine.problem({"prompt": "2+2="}, 0, 0, engine.selection_policy(config))
+    assert raw.prompt_ids == tokenizer.encode("2+2=", add_special_tokens=True) and raw.question == "2+2="
+    [offline] = engine.solve([{"messages": [{"role": "user", "content": QUESTIONS[1]}]}], config)
+    assert outcome(offline) == outcome(engine.solve([QUESTIONS[1]], config)[0])
+    for messages, message in (([], "non-empty list"), ([{"role": "user"}], "string content"),
+                              ([{"role": "assistant", "content": "hi"}], "no user turn")):
+        with pytest.raises(ValueError, match=message):
+            engine.solve([{"messages": messages}], config)

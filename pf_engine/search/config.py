@@ -1,6 +1,8 @@
 """What a search does: one frozen, self-validating config."""
 
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, fields
 
 from pf_engine.engine import StepRules
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
@@ -42,6 +44,10 @@ class SearchConfig:
     (``ess_threshold`` None), and the rounds a finished reference would still
     weigh in are left out. The answer comes from the last sweep.
 
+    ``stop``: strings that end a particle where its text first holds one (OpenAI's ``stop``).
+    They are looked for in each step's text when the step ends, and the text is
+    cut before the string; the tokens after it in that step are drawn and dropped.
+
     ``system_prompt`` goes before the question as a system turn of the policy's chat template
     (``pf_engine.prompts.PROMPT_PRESETS`` holds the paper's).
     """
@@ -66,8 +72,11 @@ class SearchConfig:
     ancestor_sampling: bool = False
     seed: int = 0
     system_prompt: str | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.final_answer not in FINAL_ANSWERS:
@@ -97,7 +106,10 @@ class SearchConfig:
             raise ValueError("step_delimiter must be a non-empty string")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
-        if not 0 <= self.seed < 2**62:
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
         _ = self.sampling  # validates top_p and top_k
         self.resample_params("reward")  # validates aggregation, scheme, weight_temperature, ess_threshold
@@ -115,8 +127,26 @@ class SearchConfig:
         """How particles write their steps, as the engine takes it."""
         return StepRules(sampling=self.sampling, seed=self.seed, max_steps=self.max_steps,
                          max_step_tokens=self.max_step_tokens, max_new_tokens=self.max_new_tokens,
-                         stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter)
+                         stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop)
 
     @property
     def num_sweeps(self) -> int:
         return self.iterations if self.algorithm == "particle_gibbs" else 1
+
+
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list of strings",
+               type(None): "null"}
+
+
+def _check_type(name: str, value, annotation) -> None:
+    """ValueError unless ``value`` is of the field's annotated type (an int passes for a float, a list
+    for a tuple; a bool passes only for a bool)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed + ((int,) if float in allowed else ()) + ((list,) if tuple in allowed else ()))
+    if not ok:
+        names = " or ".join(_TYPE_NAMES.get(a, a.__name__) for a in allowed)
+        raise ValueError(f"{name} must be {names}, got {value!r}")
