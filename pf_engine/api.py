@@ -50,6 +50,14 @@ class Result:
     # "length" (max_new_tokens or max_steps)
     finish_reasons: list[str] = field(default_factory=list)
 
+    def steps_of(self, particle: int) -> list[str]:
+        """The texts of final particle ``particle``'s steps, first to last."""
+        texts, node = [], self.leaves[particle]
+        while node >= 0:
+            texts.append(self.tree[node].text)
+            node = self.tree[node].parent
+        return texts[::-1]
+
     def tree_records(self) -> list[dict]:
         """Every node's fields, and whether it is a final particle's newest step (``final``) and the
         chosen particle's (``chosen``)."""

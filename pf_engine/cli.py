@@ -1,4 +1,4 @@
-"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``eval``, ``tree`` and ``selfcheck``.
+"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``eval``, ``serve``, ``tree`` and ``selfcheck``.
 
 Whatever the user can fix (a bad option or path, a cache too small, any
 ``PfEngineError``) ends the command with one line on stderr that names the flag
@@ -346,6 +346,29 @@ def tree(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    import uvicorn
+
+    from pf_engine.server.app import build_app
+    from pf_engine.server.protocol import Limits
+
+    defaults = search_config(args)
+    if not 0 < args.progress_interval <= 10:
+        raise ValueError(f"--progress-interval must be in (0, 10] seconds, got {args.progress_interval}")
+    engine = load_engine(args)
+    engine.selection_policy(defaults)  # the defaults must suit the models (a PRM where the search needs one)
+    config = engine.policy.model.config
+    name = args.served_model_name or (Path(args.policy).name if args.policy else "SmolLM2-135M-Instruct")
+    limits = Limits(model_name=name, defaults=defaults, max_particles=args.max_particles,
+                    max_model_len=args.max_model_len or getattr(config, "max_position_embeddings", 1 << 20))
+    app = build_app(engine, limits, api_key=args.api_key, max_queue=args.max_queue, max_running=args.max_running,
+                    progress_interval=args.progress_interval)
+    print(f"pf-engine serve: {name} on http://{args.host}:{args.port}/v1"
+          + (" (API key required)" if args.api_key else ""), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -359,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
 
-    shared = argparse.ArgumentParser(add_help=False)  # what solve and eval both take
-    shared.add_argument("--problems", required=True, help='JSONL, one {"problem" or "question", "answer"?} per line')
+    shared = argparse.ArgumentParser(add_help=False)  # the models and the search: what solve, eval and serve take
     shared.add_argument("--policy", default=None,
                         help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     group = shared.add_mutually_exclusive_group()
@@ -390,17 +412,41 @@ def main(argv: list[str] | None = None) -> int:
     shared.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
                         help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
 
-    s = sub.add_parser("solve", parents=[shared], help="solve a JSONL file of problems")
+    problems = argparse.ArgumentParser(add_help=False)
+    problems.add_argument("--problems", required=True, help='JSONL, one {"problem" or "question", "answer"?} per line')
+    s = sub.add_parser("solve", parents=[problems, shared], help="solve a JSONL file of problems")
     s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
     s.add_argument("--algorithm", default="particle_filter")
     s.add_argument("--particles", dest="num_particles", type=int, default=8)
 
-    e = sub.add_parser("eval", parents=[shared], help="accuracy against N for each algorithm (a scaling curve)")
+    e = sub.add_parser("eval", parents=[problems, shared],
+                       help="accuracy against N for each algorithm (a scaling curve)")
     e.add_argument("--out-dir", required=True, help="results.json, results.png and the per-problem cache; a rerun "
                    "resumes from the cache")
     e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
     e.add_argument("--budgets", nargs="+", type=positive_int, default=[1, 2, 4, 8], help="particles (N)")
+
+    v = sub.add_parser("serve", parents=[shared], help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
+                       "/v1/completions); the search flags are each request's defaults")
+    v.add_argument("--algorithm", default="particle_filter")
+    v.add_argument("--particles", dest="num_particles", type=int, default=8)
+    v.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=os.environ.get("PF_ENGINE_API_KEY"),
+                   help="demand Authorization: Bearer KEY on every endpoint but /health (default: $PF_ENGINE_API_KEY)")
+    v.add_argument("--served-model-name", default=None, help="the model's name in /v1/models and requests "
+                   "(default: the policy folder's name)")
+    v.add_argument("--max-particles", type=positive_int, default=64, help="the most particles a request may ask for")
+    v.add_argument("--max-queue", type=positive_int, default=1024,
+                   help="requests that may wait for admission; more are answered 429")
+    v.add_argument("--max-running", type=positive_int, default=None,
+                   help="requests in the running batch at most (default: as many as the KV cache holds)")
+    v.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="prompt + max_tokens limit (default: the policy's max_position_embeddings)")
+    v.add_argument("--progress-interval", type=float, default=1.0,
+                   help="seconds between a streamed request's progress events")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     t = sub.add_parser("tree", help="draw one problem's search tree from a --tree JSONL")
     t.add_argument("tree_file", metavar="TREE.jsonl")
@@ -413,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     try:
         return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "eval": evaluate_command,
-                "tree": tree}[args.command](args)
+                "tree": tree, "serve": serve}[args.command](args)
     except KeyboardInterrupt:
         print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
         return 130

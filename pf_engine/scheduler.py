@@ -52,8 +52,9 @@ class Scheduler:
     index in ``lanes``) and its rows and sequences, a waiting one none of them.
     """
 
-    def __init__(self, engine: ParticleEngine, bytes_per_block: int, problems: list[Problem] = ()):
-        self.engine = engine
+    def __init__(self, engine: ParticleEngine, bytes_per_block: int, problems: list[Problem] = (),
+                 max_running: int | None = None):
+        self.engine, self.max_running = engine, max_running
         self.waiting: deque[Problem] = deque(problems)
         self.running: list[Problem] = []  # in admission order: the newest is preempted first
         self.bytes_per_block = bytes_per_block
@@ -120,6 +121,8 @@ class Scheduler:
     def admit(self) -> None:
         while self.waiting:
             problem = self.waiting[0]
+            if self.max_running is not None and len(self.running) >= self.max_running:
+                return
             if self.running and not self._has_room_for(problem):
                 return
             self._take_lane(problem)
@@ -175,12 +178,16 @@ class Scheduler:
         self.waiting.appendleft(victim)
 
     def _too_big(self, problem: Problem, what: str) -> OutOfBlocksError:
+        """The error for ``problem``, the only one running (or, to be placed, with none running): no
+        other problem's state is touched when it is raised, so a server cancels it alone and goes on."""
         manager = self.engine.policy.manager
-        return OutOfBlocksError(
+        error = OutOfBlocksError(
             f"problem {problem.index} cannot {what} even alone: with {problem.num_particles} particles at step "
             f"{problem.step} (sweep {problem.sweep}) it needs more than the {manager.num_blocks} KV blocks "
             f"({size(manager.num_blocks * self.bytes_per_block)}) of the cache: raise kv_cache_memory or lower "
             f"num_particles / max_new_tokens")
+        error.problem = problem
+        return error
 
     # -- one iteration -------------------------------------------------------------
     def step(self) -> list[Problem]:

@@ -1,0 +1,1 @@
+"""``pf-engine serve``: an OpenAI-compatible HTTP server over one long-lived scheduler."""

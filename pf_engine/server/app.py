@@ -1,0 +1,223 @@
+"""The HTTP side of ``pf-engine serve``: a FastAPI app with OpenAI's ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/models``, plus ``/health`` and Prometheus ``/metrics``.
+
+Handlers check and tokenize a request, hand it to the engine loop (pf_engine.server.loop) and await
+its events; a client that goes away cancels its request. Every error leaves in OpenAI's shape.
+"""
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+
+from pf_engine.api import Engine
+from pf_engine.errors import OutOfBlocksError
+from pf_engine.search import SelectionPolicy
+from pf_engine.server.loop import EngineLoop, QueueFull, Ticket
+from pf_engine.server.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    Job,
+    Limits,
+    RequestError,
+    check_length,
+    choices,
+    chunk,
+    error_body,
+    parse,
+    response,
+    usage,
+)
+
+MAX_POLICIES = 256  # selection policies kept for reuse: requests of one config end their rounds together
+
+
+class Metrics:
+    def __init__(self, loop: EngineLoop):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("pf_engine_requests", "HTTP requests answered", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("pf_engine_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generated_tokens = Counter("pf_engine_generated_tokens", "tokens drawn for finished requests, "
+                                        "every particle's", registry=r)
+        self.prm_tokens = Counter("pf_engine_prm_tokens", "tokens a model PRM read for finished requests",
+                                  registry=r)
+        self.latency = Histogram("pf_engine_request_latency_seconds", "from a request's arrival to its answer",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        Gauge("pf_engine_kv_blocks_in_use", "KV blocks held (policy and PRM pools)",
+              registry=r).set_function(lambda: loop.kv_blocks_in_use)
+        Gauge("pf_engine_queue_length", "requests waiting for admission", registry=r).set_function(
+            lambda: loop.num_waiting)
+        Gauge("pf_engine_running_requests", "requests in the running batch", registry=r).set_function(
+            lambda: loop.num_running)
+
+    def finished(self, ticket: Ticket, result) -> None:
+        self.prompt_tokens.inc(len(ticket.problem.prompt_ids))
+        self.generated_tokens.inc(result.stats["tokens_generated"])
+        self.prm_tokens.inc(result.stats["prm_tokens"])
+        self.latency.observe(time.monotonic() - ticket.submitted)
+
+
+def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_queue: int = 1024,
+              max_running: int | None = None, progress_interval: float = 1.0) -> FastAPI:
+    """The app serving ``engine``; its engine loop runs while the app does (lifespan)."""
+    loop = EngineLoop(engine, max_queue, progress_interval, max_running)
+    metrics = Metrics(loop)
+    loop.on_finish = metrics.finished
+    policies: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        loop.stop()
+
+    app = FastAPI(title="pf_engine", summary="particle-filtering inference-time scaling, OpenAI-compatible",
+                  lifespan=lifespan)
+    app.state.loop, app.state.metrics = loop, metrics
+
+    @app.middleware("http")
+    async def authorize_and_count(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                answer = JSONResponse(RequestError("a valid API key is needed: Authorization: Bearer KEY", None, 401,
+                                                   "authentication_error").body(), status_code=401)
+                metrics.requests.labels(request.url.path, "401").inc()
+                return answer
+        answer = await call_next(request)
+        metrics.requests.labels(request.url.path, str(answer.status_code)).inc()
+        return answer
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error",
+                                           None, "invalid_json"), status_code=400)
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(where) or None
+        return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param,
+                                       "invalid_value"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, str(exc.status_code)),
+                            status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
+                                            "owned_by": "pf_engine", "max_model_len": limits.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await _answer(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _answer(body, request)
+
+    def selection_policy(job: Job) -> SelectionPolicy:
+        if job.config not in policies:
+            if len(policies) >= MAX_POLICIES:
+                policies.clear()
+            try:
+                policies[job.config] = engine.selection_policy(job.config)
+            except ValueError as exc:
+                raise RequestError(str(exc), "search.algorithm") from None
+        return policies[job.config]
+
+    async def _answer(body, request: Request):
+        job = parse(body, limits, request.headers.get("x-its-budget"))
+        try:
+            problem = engine.problem(job.item, 0, 0, selection_policy(job))
+        except OutOfBlocksError as exc:
+            raise RequestError(f"this request can never fit the server's KV cache: {exc}",
+                               "budget" if body.budget is not None else "search.num_particles") from None
+        except ValueError as exc:
+            raise RequestError(str(exc), "messages" if job.chat else "prompt") from None
+        check_length(job, len(problem.prompt_ids), limits)
+        ticket = Ticket(problem, asyncio.Queue(), asyncio.get_running_loop())
+        try:
+            loop.submit(ticket)
+        except QueueFull as exc:
+            raise RequestError(f"the server is busy: {exc}; try again later", None, 429, "rate_limit_error") from None
+        if job.stream:
+            return StreamingResponse(_events(job, ticket), media_type="text/event-stream")
+        try:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # the finally cancels it
+                    continue
+                if kind == "error":
+                    raise RequestError(f"the engine failed on this request: {payload}", None, 500, "server_error")
+                if kind == "result":
+                    return JSONResponse(response(job, payload, len(problem.prompt_ids), limits.model_name))
+        finally:
+            if not ticket.done:
+                loop.cancel(ticket)
+
+    async def _events(job: Job, ticket: Ticket):
+        """Server-sent events: progress while the search runs (at least every ``progress_interval``),
+        then each returned particle's steps, its finish reason, usage if asked, and [DONE]."""
+        model, progress = limits.model_name, {"state": "waiting", "step": 0, "sweep": 0, "live_particles": 0}
+        try:
+            for index in range(job.n):
+                first = chunk(job, model, index, "")
+                if job.chat:
+                    first["choices"][0]["delta"]["role"] = "assistant"
+                yield _sse(first)
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=progress_interval)
+                except TimeoutError:
+                    kind, payload = "progress", progress
+                if kind == "progress":
+                    progress = payload
+                    yield _sse(chunk(job, model, 0, "", pf_engine={"progress": payload}))
+                elif kind == "error":
+                    yield _sse(error_body(f"the engine failed on this request: {payload}", "server_error", None,
+                                          "internal_error"))
+                    break
+                else:
+                    for index, particle in enumerate(choices(payload, job.n)):
+                        for text in payload.steps_of(particle):
+                            yield _sse(chunk(job, model, index, text))
+                        yield _sse(chunk(job, model, index, reason=payload.finish_reasons[particle]))
+                    if job.include_usage:
+                        yield _sse(chunk(job, model, usage=usage(job, payload, len(ticket.problem.prompt_ids))))
+                    if job.return_tree:
+                        yield _sse(chunk(job, model, pf_engine={"tree": payload.tree_records()}))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ticket.done:
+                loop.cancel(ticket)
+
+    return app
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
