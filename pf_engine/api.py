@@ -239,13 +239,18 @@ class Engine:
             raise ValueError("final_answer 'outcome' needs an outcome reward model: pass orm= to the Engine")
         return policy
 
-    def problem(self, item, index: int, key: int, policy: SelectionPolicy) -> Problem:
-        """A fresh search of one problem (a string, or a dict as :meth:`stream` takes it) under ``policy``;
-        OutOfBlocksError if it can never fit the KV caches."""
+    def problem(self, item, index: int, key: int, policy: SelectionPolicy, seed: int | None = None) -> Problem:
+        """A fresh search of one problem (a string, or a dict as :meth:`stream` takes it) under ``policy``,
+        drawing with ``seed`` (default: the policy config's): problems of one policy object, which end
+        their rounds together, may differ in their seeds. OutOfBlocksError if it can never fit the KV caches.
+
+        A conversation (``"messages"``) without a system turn gets the config's ``system_prompt``."""
         config, core = policy.config, self.core
         question = _question(item, index)
         if isinstance(item, dict) and "messages" in item:
             turns = [{"role": m["role"], "content": m["content"]} for m in _messages(item["messages"], index)]
+            if config.system_prompt is not None and turns[0]["role"] != "system":
+                turns.insert(0, {"role": "system", "content": config.system_prompt})
             prompt_ids = chat_ids(core.tokenizer, turns)
         elif isinstance(item, dict) and "prompt" in item:
             prompt_ids = core.tokenizer.encode(item["prompt"], add_special_tokens=True)
@@ -253,7 +258,8 @@ class Engine:
             prompt_ids = core.prompt_ids(question, config.system_prompt)
         prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
         problem = Problem(index=index, key=key, question=question, num_particles=config.num_particles,
-                          prompt_ids=prompt_ids, prm_prompt_ids=prm_prompt, rules=config.step_rules(), policy=policy)
+                          prompt_ids=prompt_ids, prm_prompt_ids=prm_prompt, policy=policy,
+                          rules=config.step_rules(config.seed if seed is None else seed))
         self._check_fits(problem, config)
         return problem
 
@@ -291,7 +297,7 @@ class Engine:
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
         elif config.final_answer == "sampled":
-            rng = np.random.default_rng([config.seed, problem.key])
+            rng = np.random.default_rng([problem.rules.seed, problem.key])
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:  # "best": the highest weight; "outcome", or best-of-N without a PRM: the best outcome score

@@ -288,7 +288,14 @@ class Scheduler:
 
     @staticmethod
     def _resample_uniforms(config: SearchConfig, ready: list[Problem]) -> torch.Tensor:
+        """The resampling uniforms of each problem's slots, from its own seed."""
         n = config.num_particles
-        keys = torch.tensor([p.key for p in ready]).repeat_interleave(n)
-        rounds = torch.tensor([p.round_(config.max_steps) for p in ready]).repeat_interleave(n)
-        return search_uniforms(config.seed, keys, rounds, torch.arange(n).repeat(len(ready)), RESAMPLE_TOKEN)
+        seeds = [p.rules.seed for p in ready]
+        groups = [ready] if len(set(seeds)) == 1 else [[p] for p in ready]
+        out = []
+        for group in groups:
+            keys = torch.tensor([p.key for p in group]).repeat_interleave(n)
+            rounds = torch.tensor([p.round_(config.max_steps) for p in group]).repeat_interleave(n)
+            out.append(search_uniforms(group[0].rules.seed, keys, rounds, torch.arange(n).repeat(len(group)),
+                                       RESAMPLE_TOKEN))
+        return torch.cat(out)

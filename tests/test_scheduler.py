@@ -298,6 +298,10 @@ def test_prompts_as_raw_text_or_a_conversation(policy):
                           engine.selection_policy(config))
     assert chat.question == QUESTIONS[0]
     assert chat.prompt_ids == engine.core.prompt_ids(QUESTIONS[0], "Be brief.")
+    with_default = SearchConfig(**SMALL, system_prompt="Be brief.")  # a conversation without a system turn gets it
+    chat = engine.problem({"messages": [{"role": "user", "content": QUESTIONS[0]}]}, 0, 0,
+                          engine.selection_policy(with_default))
+    assert chat.prompt_ids == engine.core.prompt_ids(QUESTIONS[0], "Be brief.")
     raw = engine.problem({"prompt": "2+2="}, 0, 0, engine.selection_policy(config))
     assert raw.prompt_ids == tokenizer.encode("2+2=", add_special_tokens=True) and raw.question == "2+2="
     [offline] = engine.solve([{"messages": [{"role": "user", "content": QUESTIONS[1]}]}], config)
@@ -306,3 +310,26 @@ def test_prompts_as_raw_text_or_a_conversation(policy):
                               ([{"role": "assistant", "content": "hi"}], "no user turn")):
         with pytest.raises(ValueError, match=message):
             engine.solve([{"messages": messages}], config)
+
+
+@pytest.mark.parametrize("name", ["particle_filter", "particle_gibbs+ancestors", "beam_search"])
+def test_one_policy_object_serves_problems_of_differing_seeds(policy, name):
+    """A server shares one policy object among requests that differ only in their seeds: their
+    rounds end in one fused call, and each problem still ends as it does under its own config."""
+    from dataclasses import replace
+
+    engine = engine_with(policy, ANCESTOR_POOLS["roomy"])
+    shared = engine.selection_policy(CONFIGS[name])
+    scheduler = Scheduler(engine.core, engine.bytes_per_block)
+    problems = [engine.problem(q, i, i, shared, seed=10 + i) for i, q in enumerate(QUESTIONS)]
+    for problem in problems:
+        scheduler.add(problem)
+    weighed = []
+    real_weigh = engine.core.weigh
+    engine.core.weigh = lambda batch, *args: weighed.append(len(batch.problems)) or real_weigh(batch, *args)
+    finished = {id(p): outcome(engine.result(p)) for p in scheduler.run()}
+    engine.core.weigh = real_weigh
+    assert max(weighed) > 1  # problems of different seeds weighed together
+    for i, (q, problem) in enumerate(zip(QUESTIONS, problems, strict=True)):
+        alone = engine.solve([{"problem": q, "key": i}], replace(CONFIGS[name], seed=10 + i))[0]
+        assert finished[id(problem)] == outcome(alone), i

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import openai
@@ -24,25 +25,37 @@ FLAGS = ["--particles", "4", "--max-steps", "5", "--max-step-tokens", "8", "--ma
 QUESTIONS = ["What is 2+3?", "Add 4 and 5.", "7*6=?", "Is 9 odd?", "1+1", "Half of 10?", "3-1=?", "x"]
 
 
-def start_server(folder, *flags) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, exited=lambda: False) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if exited():
+            raise RuntimeError("the server exited")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start within 120 s")
+
+
+def start_server(folder, *flags) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "pf_engine.cli", "serve", "--policy", str(folder), "--port",
                                 str(port), "--log-level", "warning", *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start within 120 s")
+    try:
+        wait_until_healthy(url, lambda: process.poll() is not None)
+    except RuntimeError as exc:
+        process.kill()
+        raise RuntimeError(f"{exc}: {process.stdout.read()}") from None
+    return process, url
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -155,6 +168,51 @@ def test_its_hub_budget_in_the_body_or_the_header(client, offline):
         assert answer.choices[0].message.content == expected.text
 
 
+def test_stop_strings_and_top_p(client, offline):
+    answer = client.chat.completions.create(model=openai.NOT_GIVEN, messages=user(QUESTIONS[4]), seed=9, n=4,
+                                            stop=["a", "1"], top_p=0.95)
+    expected = offline({"messages": user(QUESTIONS[4])}, seed=9, stop=("a", "1"), top_p=0.95)
+    order = sorted(range(4), key=lambda i: (i != expected.chosen, -expected.weights[i], i))
+    assert [c.message.content for c in answer.choices] == [expected.particles[i] for i in order]
+    assert all("a" not in c.message.content and "1" not in c.message.content for c in answer.choices)
+
+
+def test_the_server_listens_on_loopback_only(server):
+    """Without --host the socket is bound to 127.0.0.1, as the kernel's table of listening sockets shows."""
+    port = int(server.rsplit(":", 1)[1])
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("no /proc/net/tcp (not Linux) to read the bound address from")
+    listening = [line.split()[1] for line in table.read_text().splitlines()[1:]
+                 if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+    assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1, little-endian hex
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"n": "two"}, "n"),
+    ("/v1/chat/completions", {"search": [1, 2]}, "search"),
+    ("/v1/chat/completions", {"stop": 5}, "stop.str"),
+    ("/v1/chat/completions", {"stop": ["x"] * 17}, "stop"),
+    ("/v1/chat/completions", {"search": {"step_delimiter": "x" * 100}}, "search.step_delimiter"),
+    ("/v1/chat/completions", {"search": {"iterations": 10 ** 9, "algorithm": "particle_gibbs"}}, "search.iterations"),
+    ("/v1/chat/completions", {"budget": 0}, "budget"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {}, "prompt"),
+])
+def test_whatever_a_body_holds_the_server_answers_400_and_goes_on(server, path, body, param):
+    if "messages" not in body and path.endswith("chat/completions"):
+        body = {"messages": user("1+1")} | body
+    answer = httpx.post(server + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.json()
+    assert httpx.get(server + "/health").status_code == 200
+    assert metric(server, "pf_engine_kv_blocks_in_use") == 0
+
+
 def test_the_tree_on_request(client, offline):
     answer = client.chat.completions.create(model=openai.NOT_GIVEN, messages=user(QUESTIONS[3]), seed=4,
                                             extra_body={"return_tree": True})
@@ -227,7 +285,11 @@ def test_a_bounded_load_of_concurrent_clients(server, offline):
 
         return await asyncio.wait_for(asyncio.gather(*(one(job) for job in jobs)), timeout=300)
 
+    before = metric(server, "pf_engine_decode_forwards_total"), metric(server, "pf_engine_decode_sequences_total")
     texts = asyncio.run(run())
+    forwards = metric(server, "pf_engine_decode_forwards_total") - before[0]
+    sequences = metric(server, "pf_engine_decode_sequences_total") - before[1]
+    assert sequences / forwards > 8, "no request has more than 8 particles: requests must share forwards"
     for job, text in zip(jobs, texts, strict=True):
         item = {"messages": user(job["question"])} if job["chat"] else {"prompt": job["question"]}
         assert text == offline(item, seed=job["seed"], num_particles=job["particles"]).text, job
@@ -307,3 +369,39 @@ def test_a_full_queue_answers_429_and_a_request_too_big_400(busy_server):
         time.sleep(0.05)
     assert metric(busy_server, "pf_engine_kv_blocks_in_use") == 0 and metric(busy_server,
                                                                              "pf_engine_queue_length") == 0
+
+
+def test_a_failing_prm_fails_the_requests_in_flight_and_the_server_goes_on(policy):
+    """A PRM callable that raises (the server's own part, not a request's) fails the requests in
+    flight with a 500 in OpenAI's shape; the pools are emptied and the next request is served."""
+    import threading
+
+    import uvicorn
+
+    from pf_engine.server.app import build_app
+    from pf_engine.server.protocol import Limits
+
+    def prm(question, steps):
+        if "boom" in question:
+            raise RuntimeError("the PRM broke")
+        return 0.5
+
+    app = build_app(Engine(policy=policy, prm=prm), Limits("tiny", SearchConfig(**DEFAULTS), 16, 1024))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", lambda: not thread.is_alive())
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=openai.NOT_GIVEN, messages=user("boom: 1+1"))
+        assert "the PRM broke" in caught.value.body["message"] and caught.value.body["type"] == "server_error"
+        assert app.state.loop.kv_blocks_in_use == 0
+        answer = client.chat.completions.create(model=openai.NOT_GIVEN, messages=user("1+1"), seed=1)
+        offline = Engine(policy=policy, prm=prm).solve([{"messages": user("1+1")}], SearchConfig(**DEFAULTS, seed=1))
+        assert answer.choices[0].message.content == offline[0].text
+        assert app.state.loop.kv_blocks_in_use == 0
+    finally:
+        server.should_exit = True
+        thread.join()

@@ -11,6 +11,9 @@ from pf_engine.sampling import SamplingParams
 
 ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
+# The step-end tables take (vocabulary x delimiter length) entries; a server takes these from requests.
+MAX_DELIMITER_CHARS = 64
+MAX_STOP_STRINGS = 16
 MAX_PARTICLES = 1024  # of one problem (the random streams' slot field holds pf_engine.philox.MAX_SLOTS)
 
 
@@ -102,12 +105,14 @@ class SearchConfig:
             raise ValueError(f"iterations * max_steps must be <= {MAX_ROUNDS}, got {self.iterations * self.max_steps}")
         if self.ancestor_sampling and self.ess_threshold is not None:
             raise ValueError("ancestor_sampling assumes resampling after every step: leave ess_threshold None")
-        if not self.step_delimiter:
-            raise ValueError("step_delimiter must be a non-empty string")
+        if not 1 <= len(self.step_delimiter) <= MAX_DELIMITER_CHARS:
+            raise ValueError(f"step_delimiter must be a non-empty string of at most {MAX_DELIMITER_CHARS} characters")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
@@ -123,9 +128,9 @@ class SearchConfig:
         return ResampleParams(reward=reward_kind, aggregation=self.aggregation, temperature=self.weight_temperature,
                               scheme=scheme, ess_threshold=self.ess_threshold)
 
-    def step_rules(self) -> StepRules:
-        """How particles write their steps, as the engine takes it."""
-        return StepRules(sampling=self.sampling, seed=self.seed, max_steps=self.max_steps,
+    def step_rules(self, seed: int | None = None) -> StepRules:
+        """How particles write their steps, as the engine takes it (drawing with ``seed``, default the config's)."""
+        return StepRules(sampling=self.sampling, seed=self.seed if seed is None else seed, max_steps=self.max_steps,
                          max_step_tokens=self.max_step_tokens, max_new_tokens=self.max_new_tokens,
                          stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop)
 

@@ -86,8 +86,8 @@ class ParticleGibbs(SelectionPolicy):
         table = torch.full((len(spliced) * n,), float("-inf"), dtype=torch.float64)
         row_of = {b: r for r, b in enumerate(spliced)}
         table[[row_of[b] * n + slot for b, slot in candidates]] = logw
-        uniforms = search_uniforms(cfg.seed, [problems[b].key for b in spliced],
-                                   [problems[b].round_(cfg.max_steps) for b in spliced], 0, ANCESTOR_TOKEN)
+        uniforms = torch.cat([search_uniforms(problems[b].rules.seed, [problems[b].key],
+                                              [problems[b].round_(cfg.max_steps)], 0, ANCESTOR_TOKEN) for b in spliced])
         return sample(table.view(len(spliced), n), SamplingParams(temperature=1.0), uniforms=uniforms).tolist()
 
     def end_sweep(self, engine, problem):
@@ -96,7 +96,7 @@ class ParticleGibbs(SelectionPolicy):
             return False
         logw = torch.log(problem.weights.double())[None]
         round_ = (problem.sweep + 1) * cfg.max_steps - 1
-        uniform = search_uniforms(cfg.seed, [problem.key], round_, 0, REFERENCE_TOKEN)
+        uniform = search_uniforms(problem.rules.seed, [problem.key], round_, 0, REFERENCE_TOKEN)
         slot = int(sample(logw, SamplingParams(temperature=1.0), uniforms=uniform)[0])
         problem.extra["reference"] = Reference(problem.step_ids(slot), problem.steps(slot),
                                                bool(problem.finished[slot]))

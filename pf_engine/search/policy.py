@@ -10,7 +10,11 @@ from pf_engine.search.config import SearchConfig
 
 
 class SelectionPolicy:
-    """The default: score every step, keep every particle (no selection)."""
+    """The default: score every step, keep every particle (no selection).
+
+    NOTE: ``config.seed`` is not read here: each problem draws with its own ``rules.seed``, so
+    problems of differing seeds share a policy object and end their rounds together.
+    """
 
     scores = True  # the PRM scores every step (and the fused step weighs it)
 

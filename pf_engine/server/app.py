@@ -10,11 +10,13 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException
 
 from pf_engine.api import Engine
@@ -56,12 +58,27 @@ class Metrics:
             lambda: loop.num_waiting)
         Gauge("pf_engine_running_requests", "requests in the running batch", registry=r).set_function(
             lambda: loop.num_running)
+        r.register(_DecodeCounts(loop.engine.core.stats))
 
     def finished(self, ticket: Ticket, result) -> None:
         self.prompt_tokens.inc(len(ticket.problem.prompt_ids))
         self.generated_tokens.inc(result.stats["tokens_generated"])
         self.prm_tokens.inc(result.stats["prm_tokens"])
         self.latency.observe(time.monotonic() - ticket.submitted)
+
+
+class _DecodeCounts:
+    """The decode loop's forwards and the sequences they ran: sequences / forwards is the mean batch, which
+    shows concurrent requests sharing forwards."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("pf_engine_decode_forwards", "policy forwards of the decode loop",
+                                  value=self.stats["decode_forwards"])
+        yield CounterMetricFamily("pf_engine_decode_sequences", "sequences those forwards ran, summed",
+                                  value=self.stats["decode_sequences"])
 
 
 def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_queue: int = 1024,
@@ -137,19 +154,21 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
         return await _answer(body, request)
 
     def selection_policy(job: Job) -> SelectionPolicy:
-        if job.config not in policies:
+        """One policy object per config but its seed: requests of one search end their rounds together."""
+        config = replace(job.config, seed=0)
+        if config not in policies:
             if len(policies) >= MAX_POLICIES:
                 policies.clear()
             try:
-                policies[job.config] = engine.selection_policy(job.config)
+                policies[config] = engine.selection_policy(config)
             except ValueError as exc:
                 raise RequestError(str(exc), "search.algorithm") from None
-        return policies[job.config]
+        return policies[config]
 
     async def _answer(body, request: Request):
         job = parse(body, limits, request.headers.get("x-its-budget"))
         try:
-            problem = engine.problem(job.item, 0, 0, selection_policy(job))
+            problem = engine.problem(job.item, 0, 0, selection_policy(job), seed=job.config.seed)
         except OutOfBlocksError as exc:
             raise RequestError(f"this request can never fit the server's KV cache: {exc}",
                                "budget" if body.budget is not None else "search.num_particles") from None
