@@ -209,8 +209,10 @@ class Engine:
         """Yield ``(index, Result)`` for each problem as soon as its search ends.
 
         A problem is named in the random streams by its index in ``problems``, or by
-        the ``"key"`` its dict gives (an int below 2**20): the same key, config and
-        seed give the same result in any call, alone or with any other problems.
+        the ``"key"`` its dict gives (an int below 2**20), and draws with the config's
+        seed or the ``"seed"`` its dict gives: the same key, config and seed give the
+        same result in any call, alone or with any other problems (a server's request
+        is key 0 under the request's seed).
 
         Problems run together under continuous batching: they are admitted while the
         KV caches' free blocks allow, each advances its own rounds, and a problem that
@@ -222,8 +224,9 @@ class Engine:
         """
         config = config or SearchConfig()
         policy = self.selection_policy(config)
-        states = [self.problem(p, i, key, policy) for i, (p, key) in enumerate(zip(problems, _keys(problems),
-                                                                                    strict=True))]
+        seeds = _seeds(problems, config.seed)
+        states = [self.problem(p, i, key, policy, seed) for i, (p, key, seed)
+                  in enumerate(zip(problems, _keys(problems, seeds), seeds, strict=True))]
         return self._stream(states)
 
     def selection_policy(self, config: SearchConfig) -> SelectionPolicy:
@@ -316,15 +319,24 @@ class Engine:
                       problem.leaf.tolist(), chosen, stats, outcome, lengths, reasons)
 
 
-def _keys(problems) -> list[int]:
+def _seeds(problems, seed: int) -> list[int]:
+    """Each problem's seed: the "seed" its dict gives, else the config's."""
+    seeds = [p.get("seed", seed) if isinstance(p, dict) else seed for p in problems]
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**62:
+            raise ValueError(f"problem {i}: seed must be an int in [0, 2**62), got {s!r}")
+    return seeds
+
+
+def _keys(problems, seeds: list[int]) -> list[int]:
     """Each problem's name in the random streams: its "key" where a dict gives one, else its index."""
     keys = [p.get("key", i) if isinstance(p, dict) else i for i, p in enumerate(problems)]
     for i, key in enumerate(keys):
         if not isinstance(key, int) or not 0 <= key < MAX_PROBLEMS:
             raise ValueError(f"problem {i}: key must be an int in [0, {MAX_PROBLEMS}) (its name in the random "
                              f"streams), got {key!r}")
-    if len(set(keys)) != len(keys):
-        raise ValueError("two problems share a key: they would draw the same random numbers")
+    if len(set(zip(keys, seeds, strict=True))) != len(keys):
+        raise ValueError("two problems share a key and a seed: they would draw the same random numbers")
     return keys
 
 

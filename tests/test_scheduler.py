@@ -109,6 +109,21 @@ def test_keys_are_checked(policy):
         engine.solve([{"problem": "a", "key": 1}, "b"], SearchConfig(**SMALL))
     with pytest.raises(ValueError, match=r"problem 0: key must be an int in \[0, 1048576\)"):
         engine.solve([{"problem": "a", "key": -1}], SearchConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"problem 1: seed must be an int in \[0, 2\*\*62\)"):
+        engine.solve(["a", {"problem": "b", "seed": -3}], SearchConfig(**SMALL))
+
+
+def test_a_problem_may_bring_its_own_seed(policy):
+    """A dict's "seed" replaces the config's for that problem (a server's request: key 0, its own seed);
+    one key under two seeds is two different problems."""
+    from dataclasses import replace
+
+    engine = engine_with(policy, POOLS["roomy"])
+    config = CONFIGS["particle_filter"]
+    together = engine.solve([{"problem": QUESTIONS[0], "key": 0, "seed": 5}, {"problem": QUESTIONS[1], "key": 0}],
+                            config)
+    assert outcome(together[0]) == outcome(engine.solve([QUESTIONS[0]], replace(config, seed=5))[0])
+    assert outcome(together[1]) == outcome(engine.solve([QUESTIONS[1]], config)[0])
 
 
 # -- exception safety ------------------------------------------------------------------------
