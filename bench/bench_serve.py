@@ -41,21 +41,21 @@ def questions(count: int) -> list[str]:
 
 async def served(url: str, prompts: list[str], concurrency: int) -> tuple[float, list[float], list[str]]:
     """Wall seconds, per-request latencies and answers of ``prompts`` (seed = index) from ``concurrency`` clients."""
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600) as client:
 
-    async def one(i: int) -> str:
-        async with gate:
-            start = time.perf_counter()
-            answer = await client.chat.completions.create(model=openai.NOT_GIVEN, seed=i,
-                                                          messages=[{"role": "user", "content": prompts[i]}])
-            latencies.append(time.perf_counter() - start)
-            return answer.choices[0].message.content
+        async def one(i: int) -> str:
+            async with gate:
+                start = time.perf_counter()
+                answer = await client.chat.completions.create(model=openai.NOT_GIVEN, seed=i,
+                                                              messages=[{"role": "user", "content": prompts[i]}])
+                latencies.append(time.perf_counter() - start)
+                return answer.choices[0].message.content
 
-    start = time.perf_counter()
-    texts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-    return time.perf_counter() - start, latencies, texts
+        start = time.perf_counter()
+        texts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        return time.perf_counter() - start, latencies, texts
 
 
 def offline(engine, prompts: list[str]) -> tuple[float, list[str]]:

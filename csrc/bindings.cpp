@@ -202,6 +202,13 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
           py::arg("seq_id"), "int32 block ids of one sequence.")
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
       .def(
+          "num_unshared_blocks",
+          [](const BlockManager& self, const py::handle& seq_ids) {
+            auto ids = as_ids(seq_ids, "seq_ids");
+            return self.num_unshared_blocks(view(ids));
+          },
+          py::arg("seq_ids"), "Blocks the sequences would hold if none shared any (their own block counts, summed).")
+      .def(
           "ref_counts", [](const BlockManager& self) { return copy_to_numpy(self.ref_counts()); },
           "int32 [num_blocks] sequences referencing each block.")
       .def("seq_ids", [](const BlockManager& self) { return to_numpy(self.seq_ids()); },

@@ -266,6 +266,12 @@ std::vector<int32_t> BlockManager::slot_mapping(View<int64_t> seq_ids, View<int6
   return out;
 }
 
+int64_t BlockManager::num_unshared_blocks(View<int64_t> seq_ids) const {
+  int64_t total = 0;
+  for (std::size_t i = 0; i < seq_ids.size; ++i) total += blocks_for(get(seq_ids[i]).num_tokens);
+  return total;
+}
+
 std::vector<int64_t> BlockManager::seq_ids() const {
   std::vector<int64_t> out;
   out.reserve(seqs_.size());

@@ -78,6 +78,8 @@ class BlockManager {
   int64_t num_tokens(int64_t seq_id) const { return get(seq_id).num_tokens; }
   const std::vector<int32_t>& ref_counts() const { return ref_counts_; }
   std::vector<int64_t> seq_ids() const;
+  // Blocks the sequences would hold if none shared any: the sum of their own block counts.
+  int64_t num_unshared_blocks(View<int64_t> seq_ids) const;
 
  private:
   struct Sequence {

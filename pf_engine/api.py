@@ -28,10 +28,12 @@ DEFAULT_KV_MEMORY_CPU = 1 << 30
 class Result:
     """One problem's outcome. ``tree`` holds every step of every particle, alive and dead.
 
-    ``stats``: the problem's own counts (tokens generated, of which discarded when a
-    preemption made it redo a round, PRM tokens prefilled, policy tokens prefilled for
-    ancestor sampling and for rebuilding after preemptions, and preemptions) and the
-    call's peak KV blocks of the policy and of a model PRM so far.
+    ``stats``: the problem's own counts (its prompt's and its PRM prompt's tokens, tokens
+    generated, of which discarded when a preemption made it redo a round, PRM tokens
+    prefilled, policy tokens prefilled for ancestor sampling and for rebuilding after
+    preemptions, and preemptions) and the call's peak KV blocks so far of the policy and of a
+    model PRM, each beside the peak its particles would hold with no block shared
+    (``peak_unshared_*``).
     """
 
     question: str
@@ -267,7 +269,8 @@ class Engine:
         return problem
 
     def _stream(self, states: list[Problem]) -> Iterator[tuple[int, "Result"]]:
-        self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0}  # peaks are per call
+        self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0, "peak_unshared_blocks": 0,
+                            "peak_unshared_prm_blocks": 0}  # peaks are per call
         scheduler = Scheduler(self.core, self.bytes_per_block, states)
         for problem in scheduler.run():
             yield problem.index, self.result(problem)
@@ -307,11 +310,14 @@ class Engine:
             by_outcome = config.final_answer == "outcome" or (config.algorithm == "best_of_n" and self.core.prm is None)
             chosen = int(np.argmax(outcome if by_outcome else weights))
             answer = answers[chosen]
-        stats = {"tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
+        stats = {"prompt_tokens": len(problem.prompt_ids),
+                 "prm_prompt_tokens": len(problem.prm_prompt_ids or ()),
+                 "tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
                  "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
                  "discarded_tokens": problem.discarded_tokens,
-                 "preemptions": problem.num_preemptions, "peak_blocks": self.core.stats["peak_blocks"],
-                 "peak_prm_blocks": self.core.stats["peak_prm_blocks"]}
+                 "preemptions": problem.num_preemptions} | {
+            key: self.core.stats[key] for key in ("peak_blocks", "peak_prm_blocks", "peak_unshared_blocks",
+                                                  "peak_unshared_prm_blocks")}
         lengths = problem.num_tokens.tolist()
         reasons = ["stop" if done and not capped else "length"
                    for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]

@@ -42,6 +42,9 @@ class PyBlockManager:
     def ref_counts(self) -> np.ndarray:
         return np.array(self._refs, dtype=np.int32)
 
+    def num_unshared_blocks(self, seq_ids) -> int:
+        return sum(self._blocks_for(self.num_tokens(int(s))) for s in seq_ids)
+
     def seq_ids(self) -> np.ndarray:
         return np.array(sorted(self._tables), dtype=np.int64)
 

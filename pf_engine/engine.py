@@ -49,6 +49,7 @@ class TreeNode:
     parent: int  # -1 for a first step
     depth: int  # 0 for a first step
     text: str
+    num_tokens: int = 0  # the policy's tokens of the step
     reward: float | None = None
     weight: float | None = None
     num_children: int = 0  # copies that survived resampling; 0 for a dead branch, until the end
@@ -212,7 +213,7 @@ class Rows:
                             ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
                             ("forced_len", np.int64), ("rule", np.int64)):
             extend(name, (), dtype)
-        for name in ("writing", "finished", "capped", "forcing", "forced_finishes"):
+        for name in ("placed", "writing", "finished", "capped", "forcing", "forced_finishes"):
             extend(name, (), bool)
         extend("boxed", (2,), np.int64)
         extend("tokens", (self.max_step_tokens,), np.int64)
@@ -227,11 +228,12 @@ class Rows:
     def take(self, n: int) -> np.ndarray:
         if len(self.free) < n:
             self._grow(max(2 * self.capacity, self.capacity + n))
-        taken = [self.free.pop() for _ in range(n)]
-        return np.array(taken, dtype=np.int64)
+        taken = np.array([self.free.pop() for _ in range(n)], dtype=np.int64)
+        self.placed[taken] = True
+        return taken
 
     def give_back(self, rows: np.ndarray) -> None:
-        self.writing[rows] = False
+        self.writing[rows] = self.placed[rows] = False
         self.free.extend(rows.tolist())
 
 
@@ -268,7 +270,8 @@ class ParticleEngine:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         # peaks since the call began; forwards and sequences fed for occupancy; seconds per phase
-        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "decode_forwards": 0, "decode_sequences": 0,
+        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "peak_unshared_blocks": 0,
+                      "peak_unshared_prm_blocks": 0, "decode_forwards": 0, "decode_sequences": 0,
                       "seconds_prefill": 0.0, "seconds_decode": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
                       "seconds_ancestors": 0.0}
         self._texts: list[str] | None = None
@@ -602,7 +605,7 @@ class ParticleEngine:
             parent = int(problem.leaf[slot])
             depth = problem.tree[parent].depth + 1 if parent >= 0 else 0
             node = TreeNode(node=len(problem.tree), problem=problem.index, parent=parent, depth=depth, text=text,
-                            finished=bool(r.finished[row]), iteration=problem.sweep,
+                            num_tokens=len(ids), finished=bool(r.finished[row]), iteration=problem.sweep,
                             reference=slot in problem.forced)
             problem.tree.append(node)
             problem.node_tokens.append(ids)
@@ -745,10 +748,16 @@ class ParticleEngine:
                 pm.free(seq)
 
     def note_blocks(self) -> None:
-        for key, runner in (("peak_blocks", self.policy), ("peak_prm_blocks", self.prm_runner)):
+        """The peaks of blocks in use, and of the blocks the particles' sequences would hold if each
+        had its own copy of every token (no sharing, no forks)."""
+        r = self.rows
+        for key, runner, seq_id in (("blocks", self.policy, r.seq_id),
+                                    ("prm_blocks", self.prm_runner, r.prm_seq_id)):
             if runner is not None:
                 used = runner.manager.num_blocks - runner.manager.num_free_blocks
-                self.stats[key] = max(self.stats[key], used)
+                self.stats["peak_" + key] = max(self.stats["peak_" + key], used)
+                unshared = runner.manager.num_unshared_blocks(seq_id[r.placed])
+                self.stats["peak_unshared_" + key] = max(self.stats["peak_unshared_" + key], unshared)
 
 
 def _as_list(x) -> list:

@@ -72,7 +72,7 @@ def plot_tree(records: list[dict], path, title: str | None = None) -> None:
         from matplotlib.collections import LineCollection
         from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
-        raise ImportError("tree pictures need matplotlib: pip install matplotlib") from exc
+        raise ImportError("tree pictures need matplotlib (a dependency of pf-engine): pip install matplotlib") from exc
     if not records:
         raise ValueError("the tree has no nodes to draw")
     layout = tree_layout(records)

