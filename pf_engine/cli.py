@@ -376,6 +376,34 @@ def tree(args) -> int:
     return 0
 
 
+def synthesize_command(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pf_engine.synthesize import MARKERS, TRANSITION, SynthesisConfig, check_inputs, summary, synthesize
+
+    markers = MARKERS.get(args.markers) or tuple(args.markers.split(",", 1))
+    if len(markers) != 2:
+        raise ValueError(f"--markers {args.markers}: think, thought, or OPEN,CLOSE")
+    config = SynthesisConfig(datasets=tuple(args.datasets), search=search_config(args), markers=markers,
+                             transition=TRANSITION if args.transition is None else args.transition,
+                             num_wrong=args.wrong_attempts, max_per_problem=args.per_problem,
+                             dedup=not args.no_dedup, wait_phrase=args.wait_phrase, num_waits=args.waits)
+    out_dir = Path(args.out_dir)
+    problems = load_problems(args.problems)
+    check_inputs(problems, out_dir)
+    engine = load_engine(args)
+    records = synthesize(engine, problems, out_dir, config)
+    table = Table(title=f"Reasoning data from {len(problems)} problems in {out_dir}")
+    for column in ("dataset", "records", "problems covered", "mean characters"):
+        table.add_column(column, justify="right")
+    for row in summary(records):
+        table.add_row(f"{row['dataset']}.jsonl", str(row["records"]), f"{row['problems']}/{len(problems)}",
+                      f"{row['mean_chars']:.0f}")
+    Console(width=max(100, Console().width)).print(table)
+    return 0
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -459,6 +487,25 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
     e.add_argument("--budgets", nargs="+", type=positive_int, default=[1, 2, 4, 8], help="particles (N)")
 
+    y = sub.add_parser("synthesize", parents=[problems, shared], help="reasoning data from search: D-verified, "
+                       "D-stitch, D-backtrack, D-but-wait as chat JSONL for SFT")
+    y.add_argument("--out-dir", required=True, help="one <dataset>.jsonl each, written whole or not at all")
+    y.add_argument("--datasets", nargs="+", default=["verified", "stitch", "backtrack", "but-wait"],
+                   help="verified, stitch, backtrack, but-wait")
+    y.add_argument("--particles", dest="num_particles", type=int, default=16,
+                   help="particles of the particle filter, and independent samples for verified and stitch")
+    y.add_argument("--markers", default="think", help="thought markers: think (<think>...</think>), thought "
+                   "(<|thought|>...<|/thought|>) or OPEN,CLOSE")
+    y.add_argument("--transition", default=None, help="the phrase after a wrong attempt or a dead branch "
+                   "(default: Hold on! I made a mistake. Let me try again.)")
+    y.add_argument("--wrong-attempts", type=positive_int, default=1,
+                   help="stitch: wrong attempts per record; backtrack: dead branches per record (at most)")
+    y.add_argument("--per-problem", type=positive_int, default=4, help="records per problem and dataset at most")
+    y.add_argument("--no-dedup", action="store_true", help="keep records whose texts repeat within a problem")
+    y.add_argument("--wait-phrase", default=" But wait,", help="but-wait: the phrase a particle's early end becomes")
+    y.add_argument("--waits", type=positive_int, default=1, help="but-wait: wait phrases per record")
+    y.add_argument("--algorithm", default="particle_filter", help=argparse.SUPPRESS)
+
     v = sub.add_parser("serve", parents=[shared], help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
                        "/v1/completions); the search flags are each request's defaults")
     v.add_argument("--algorithm", default="particle_filter")
@@ -491,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     try:
         return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "eval": evaluate_command,
-                "tree": tree, "serve": serve}[args.command](args)
+                "tree": tree, "serve": serve, "synthesize": synthesize_command}[args.command](args)
     except KeyboardInterrupt:
         print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -56,9 +56,39 @@ class TreeNode:
     finished: bool = False
     iteration: int = 0  # particle Gibbs: the sweep that wrote it
     reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
+    forced: str | None = None  # budget forcing: the phrase the step starts with, forced ("wait" or "end")
 
     def record(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetForcing:
+    """s1's budget forcing over the step loop. While a thinking particle has fewer than
+    ``min_tokens`` tokens or ``min_continuations`` wait phrases, an end (EOS, which is dropped,
+    or a complete ``\\boxed{}``, which stays) does not finish it: its step ends there and its
+    next step starts with ``wait_phrase``. Once it has ``max_tokens`` tokens, its step ends and
+    the next starts with ``end_phrase``, after which it answers freely. Forced phrases are
+    replayed tokens (no draws); the tree marks the steps they start (``TreeNode.forced``)."""
+
+    min_continuations: int = 1
+    min_tokens: int = 0
+    max_tokens: int | None = None
+    wait_phrase: str = " But wait,"
+    end_phrase: str = " Final answer:"
+
+    def __post_init__(self):
+        for name in ("min_continuations", "min_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"budget_forcing.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"budget_forcing.max_tokens must be None or an int >= 1, got {self.max_tokens!r}")
+        for name in ("wait_phrase", "end_phrase"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"budget_forcing.{name} must be a non-empty string")
+
+
+_WAIT, _END = 1, 2  # a particle's pending phrase (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +103,7 @@ class StepRules:
     stop_at_boxed: bool
     delimiter: str
     stop: tuple[str, ...] = ()
+    budget: BudgetForcing | None = None
 
 
 @dataclass(eq=False)
@@ -124,6 +155,9 @@ class Problem:
         self.leaf = np.full(n, -1, dtype=np.int64)
         self.finished = np.zeros(n, dtype=bool)
         self.capped = np.zeros(n, dtype=bool)  # finished by max_new_tokens alone (OpenAI's finish reason "length")
+        self.continuations = np.zeros(n, dtype=np.int64)  # budget forcing: wait phrases so far
+        self.answering = np.zeros(n, dtype=bool)  # budget forcing: the end phrase came; no more forcing
+        self.pending = np.zeros(n, dtype=np.int8)  # budget forcing: the phrase its next step starts with
         self.num_tokens = np.zeros(n, dtype=np.int64)
         self.boxed = np.zeros((n, 2), dtype=np.int64)  # \\boxed{ tracker: (chars matched, open braces)
         self.aggregates = torch.zeros(n)
@@ -211,9 +245,11 @@ class Rows:
         for name, dtype in (("seq_id", np.int64), ("prm_seq_id", np.int64), ("key", np.int64),
                             ("slot", np.int64), ("round", np.int64), ("problem", np.int64),
                             ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
-                            ("forced_len", np.int64), ("rule", np.int64)):
+                            ("forced_len", np.int64), ("rule", np.int64), ("continuations", np.int64),
+                            ("pending", np.int8)):
             extend(name, (), dtype)
-        for name in ("placed", "writing", "finished", "capped", "forcing", "forced_finishes"):
+        for name in ("placed", "writing", "finished", "capped", "forcing", "forced_finishes", "forced_prefix",
+                     "answering"):
             extend(name, (), bool)
         extend("boxed", (2,), np.int64)
         extend("tokens", (self.max_step_tokens,), np.int64)
@@ -276,6 +312,7 @@ class ParticleEngine:
                       "seconds_ancestors": 0.0}
         self._texts: list[str] | None = None
         self._tables: dict[str, StepEndTables] = {}
+        self._phrases: dict[str, list[int]] = {}
         self.rows: Rows | None = None
         self.rules: list[StepRules] = []  # Rows.rule indexes it: the step rules of every problem placed so far
         self._rule_ids: dict[StepRules, int] = {}
@@ -483,12 +520,41 @@ class ParticleEngine:
         r.num_tokens[rows] = problem.num_tokens
         r.boxed[rows] = problem.boxed
         r.round[rows] = problem.round_(rules.max_steps)
-        r.forcing[rows] = False
+        r.forcing[rows] = r.forced_prefix[rows] = False
+        r.continuations[rows], r.answering[rows], r.pending[rows] = (problem.continuations, problem.answering,
+                                                                     problem.pending)
         for slot, (ids, finishes) in problem.forced.items():
             row = rows[slot]
             r.forcing[row], r.forced_finishes[row], r.forced_len[row] = True, finishes, len(ids)
             r.forced_tokens[row, :len(ids)] = ids
+        if rules.budget is not None:
+            self._force_phrases(problem, rules.budget)
         problem.num_writing = int((~problem.finished).sum())
+
+    def _force_phrases(self, problem: Problem, budget: BudgetForcing) -> None:
+        """Start the steps of particles with a pending phrase with it (a forced prefix; then they draw)."""
+        r, rows = self.rows, problem.rows
+        for slot in np.flatnonzero((problem.pending != 0) & ~problem.finished).tolist():
+            if slot in problem.forced:  # particle Gibbs' reference replays its own phrases
+                continue
+            row, wait = rows[slot], problem.pending[slot] == _WAIT
+            ids = self.phrase_ids(budget.wait_phrase if wait else budget.end_phrase)
+            if len(ids) >= problem.rules.max_step_tokens:
+                raise ValueError(f"the budget forcing phrase {budget.wait_phrase if wait else budget.end_phrase!r} "
+                                 f"is {len(ids)} tokens: max_step_tokens must be more")
+            r.forcing[row] = r.forced_prefix[row] = True
+            r.forced_finishes[row], r.forced_len[row], r.pending[row] = False, len(ids), 0
+            r.forced_tokens[row, :len(ids)] = ids
+            if wait:
+                r.continuations[row] += 1
+            else:
+                r.answering[row] = True
+
+    def phrase_ids(self, text: str) -> list[int]:
+        """The policy's tokens of a forced phrase (cached)."""
+        if text not in self._phrases:
+            self._phrases[text] = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._phrases[text]
 
     @_timed("decode")
     def sample(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -520,6 +586,9 @@ class ParticleEngine:
         uniforms = philox_uniform(rules.seed, torch.from_numpy(keys))
         tokens = sample(logits, rules.sampling, uniforms=uniforms.to(logits.device)).cpu().numpy()
         forcing = r.forcing[rows]
+        prefix = forcing & r.forced_prefix[rows]
+        if prefix.any():  # a forced prefix (budget forcing's phrase) replayed whole: the step goes on drawing
+            forcing &= ~prefix | (step_len < r.forced_len[rows])
         if forcing.any():
             forced_rows = rows[forcing]
             tokens[forcing] = r.forced_tokens[forced_rows, step_len[forcing]]
@@ -540,14 +609,42 @@ class ParticleEngine:
         capped = ~finished & ~forcing & (num_tokens >= rules.max_new_tokens)
         finished |= capped
         if forcing.any():
-            replayed = step_len[forcing] == r.forced_len[rows[forcing]]
-            step_done[forcing] = replayed
-            finished[forcing] |= replayed & r.forced_finishes[rows[forcing]]
+            replay = forcing & ~prefix  # a whole step replayed (particle Gibbs' reference)
+            replayed = step_len[replay] == r.forced_len[rows[replay]]
+            step_done[replay] = replayed
+            finished[replay] |= replayed & r.forced_finishes[rows[replay]]
+            step_done[forcing & prefix] = finished[forcing & prefix] = False  # nothing ends inside a phrase
+        feed = ~finished
+        if rules.budget is not None:
+            self._budget(rows, tokens, step_len, num_tokens, forcing, finished, capped, step_done, feed, rules)
         r.finished[rows] = finished
         r.capped[rows] = capped
         stopped = finished | step_done
         r.writing[rows] = ~stopped
-        return tokens, ~finished, stopped
+        return tokens, feed, stopped
+
+    def _budget(self, rows, tokens, step_len, num_tokens, forcing, finished, capped, step_done, feed, rules) -> None:
+        """Budget forcing on one token of each row (the arrays are the rows' own, changed in place)."""
+        r, budget = self.rows, rules.budget
+        thinking = ~forcing & ~r.answering[rows]
+        short = thinking & finished & ~capped & ((num_tokens < budget.min_tokens)
+                                                 | (r.continuations[rows] < budget.min_continuations))
+        if budget.max_tokens is not None:
+            short &= num_tokens < budget.max_tokens
+        if short.any():  # its end does not stand: the step ends, and the next starts with the wait phrase
+            finished[short], step_done[short] = False, True
+            r.pending[rows[short]] = _WAIT
+            dropped = short & self.step_end_tables(rules.delimiter).eos[tokens]
+            if dropped.any():  # the EOS is neither kept nor fed
+                step_len[dropped] -= 1
+                num_tokens[dropped] -= 1
+                r.step_len[rows[dropped]], r.num_tokens[rows[dropped]] = step_len[dropped], num_tokens[dropped]
+                feed[dropped] = False
+            feed[short & ~dropped] = True
+        if budget.max_tokens is not None:
+            over = thinking & ~finished & ~short & (num_tokens >= budget.max_tokens)
+            step_done[over] = True
+            r.pending[rows[over]] = _END
 
     @_timed("decode")
     def feed(self, rows: np.ndarray, tokens: np.ndarray) -> None:
@@ -598,7 +695,8 @@ class ParticleEngine:
         """The round's steps join the tree and the particles' durable state; returns their nodes."""
         r, rows = self.rows, problem.rows
         problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.capped,
-                             problem.num_tokens, problem.boxed)
+                             problem.num_tokens, problem.boxed, problem.continuations, problem.answering,
+                             problem.pending)
         nodes = []
         for slot, ids, text in steps:
             row = rows[slot]
@@ -606,13 +704,16 @@ class ParticleEngine:
             depth = problem.tree[parent].depth + 1 if parent >= 0 else 0
             node = TreeNode(node=len(problem.tree), problem=problem.index, parent=parent, depth=depth, text=text,
                             num_tokens=len(ids), finished=bool(r.finished[row]), iteration=problem.sweep,
-                            reference=slot in problem.forced)
+                            reference=slot in problem.forced, forced=None if not r.forced_prefix[row]
+                            else "wait" if r.continuations[row] > problem.continuations[slot] else "end")
             problem.tree.append(node)
             problem.node_tokens.append(ids)
             problem.leaf[slot] = node.node
             nodes.append(node.node)
         problem.finished = r.finished[rows].copy()
         problem.capped = r.capped[rows].copy()
+        for name in ("continuations", "answering", "pending"):
+            setattr(problem, name, getattr(r, name)[rows].copy())
         problem.num_tokens = r.num_tokens[rows].copy()
         problem.boxed = r.boxed[rows].copy()
         problem.forced = {}
@@ -622,7 +723,8 @@ class ParticleEngine:
         """Take back the round :meth:`commit_round` added, if the problem has not moved past it."""
         if problem.committed is None:
             return
-        size, problem.leaf, problem.finished, problem.capped, problem.num_tokens, problem.boxed = problem.committed
+        (size, problem.leaf, problem.finished, problem.capped, problem.num_tokens, problem.boxed,
+         problem.continuations, problem.answering, problem.pending) = problem.committed
         del problem.tree[size:], problem.node_tokens[size:]
         problem.committed = None
 
@@ -677,7 +779,7 @@ class ParticleEngine:
         r.hidden[torch.from_numpy(rows)] = r.hidden[torch.from_numpy(rows[ancestors])]
         for node in problem.leaf[ancestors].tolist():
             problem.tree[node].num_children += 1
-        for name in ("leaf", "finished", "capped", "num_tokens", "boxed"):
+        for name in ("leaf", "finished", "capped", "num_tokens", "boxed", "continuations", "answering", "pending"):
             setattr(problem, name, getattr(problem, name)[ancestors])
 
     # -- particle Gibbs ----------------------------------------------------------

@@ -334,25 +334,6 @@ def test_prm_marker_must_be_one_token(policy, tmp_path):
         Engine(policy=policy, prm=policy, prm_format="shepherd", kv_cache_memory=8 << 20)
 
 
-def test_backtracking_examples_come_from_dead_branches(engine):
-    from pf_engine.backtrack import PHRASE, backtracking_examples
-
-    (result,) = engine.solve(QUESTIONS[:1], SearchConfig(**SMALL | {"num_particles": 6}))
-    nodes = {n.node: n for n in result.tree}
-    examples = backtracking_examples(result)
-    assert examples, "a particle filter over 6 particles left no dead branch"
-    for example in examples:
-        dead = nodes[example["dead_step"]]
-        assert dead.num_children == 0 and dead.node not in result.leaves
-        assert not any(n.parent == dead.node for n in result.tree)
-        before, after = example["completion"].split(PHRASE)
-        assert before.endswith(dead.text) and result.text.endswith(after) and after
-        assert example["prompt"] == result.question
-    assert backtracking_examples(result, gold="no such answer") == []
-    (independent,) = engine.solve(QUESTIONS[:1], SearchConfig(algorithm="best_of_n", **SMALL))
-    assert backtracking_examples(independent) == []  # nothing died: every particle reached the end
-
-
 def test_beam_search_and_dvts_keep_the_best():
     from pf_engine.search import top_ancestors
 

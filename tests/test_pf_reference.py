@@ -26,6 +26,9 @@ from tiny import save_tiny_policy
 CONFIG = SearchConfig(num_particles=5, max_steps=4, max_step_tokens=5, max_new_tokens=14, temperature=0.9,
                       stop_at_boxed=False, step_delimiter="e", weight_temperature=0.7, seed=11)
 QUESTIONS = ["What is 1+1?", "Name a color."]
+# budget forcing: ends before 8 tokens or the first wait phrase do not stand; 30 tokens end the thought
+BUDGET = {"min_continuations": 1, "min_tokens": 8, "max_tokens": 30, "wait_phrase": " Bu wait,",
+          "end_phrase": " Final."}
 
 
 def reward(question, steps):
@@ -68,24 +71,37 @@ def reference_search(model, tokenizer, question, problem, cfg):
     mix = cfg.seed ^ 0x5DEECE66D
     ref = None
     for sweep in range(cfg.iterations if gibbs else 1):
-        particles = [{"tokens": [], "steps": [], "ids": [], "finished": False, "agg": 0.0, "generated": 0}
-                     for _ in range(cfg.num_particles)]
+        particles = [{"tokens": [], "steps": [], "ids": [], "finished": False, "agg": 0.0, "generated": 0,
+                      "waits": 0, "answering": False, "pending": None} for _ in range(cfg.num_particles)]
         for step_no in range(cfg.max_steps):
             round_ = sweep * cfg.max_steps + step_no
             for slot, p in enumerate(particles):
                 if p["finished"]:
                     continue
                 forced = ref["ids"][step_no] if ref and slot == 0 and step_no < len(ref["ids"]) else None
+                phrase = budget_phrase(tokenizer, p, cfg.budget_forcing)
                 step = []
                 while True:
-                    if forced is None:
+                    if len(step) < len(phrase):
+                        token = phrase[len(step)]
+                    elif forced is None:
                         logp = sampling_logprobs(model, prompt + p["tokens"] + step, cfg.temperature)[-1]
                         token = inverse_cdf(torch.exp(logp).numpy(), draw(cfg.seed, problem, round_, slot, len(step)))
                     else:
                         token = forced[len(step)]
                     step.append(token)
                     p["generated"] += 1
+                    if len(step) <= len(phrase):
+                        continue  # nothing ends inside a forced phrase
+                    bf = cfg.budget_forcing
+                    thinking = bf is not None and not p["answering"]
                     if token == tokenizer.eos_token_id:
+                        if thinking and (p["generated"] < bf.min_tokens or p["waits"] < bf.min_continuations) \
+                                and (bf.max_tokens is None or p["generated"] < bf.max_tokens):
+                            step.pop()  # the end does not stand: dropped, and a wait phrase comes next
+                            p["generated"] -= 1
+                            p["pending"] = "wait"
+                            break
                         p["finished"] = True
                         break
                     if forced is not None:
@@ -95,6 +111,9 @@ def reference_search(model, tokenizer, question, problem, cfg):
                         continue
                     if p["generated"] >= cfg.max_new_tokens:
                         p["finished"] = True
+                        break
+                    if thinking and bf.max_tokens is not None and p["generated"] >= bf.max_tokens:
+                        p["pending"] = "end"  # the thinking budget is spent: the next step ends the thought
                         break
                     text = tokenizer.decode(step, skip_special_tokens=True)
                     if cfg.step_delimiter in text or len(step) >= cfg.max_step_tokens:
@@ -122,7 +141,19 @@ def reference_search(model, tokenizer, question, problem, cfg):
         if gibbs:
             chosen = particles[inverse_cdf(weights, draw(mix, problem, (sweep + 1) * cfg.max_steps - 1, 0, 4093))]
             ref = {"ids": chosen["ids"], "steps": chosen["steps"], "finished": chosen["finished"]}
-    return ["".join(p["steps"]) for p in particles], weights
+    return ["".join(p["steps"]) for p in particles], weights, [p["generated"] for p in particles]
+
+
+def budget_phrase(tokenizer, particle, budget) -> list[int]:
+    """The forced phrase a particle's next step starts with (budget forcing), if one is pending."""
+    pending, particle["pending"] = particle["pending"], None
+    if pending is None or particle["finished"]:
+        return []
+    if pending == "wait":
+        particle["waits"] += 1
+    else:
+        particle["answering"] = True
+    return tokenizer.encode(budget.wait_phrase if pending == "wait" else budget.end_phrase, add_special_tokens=False)
 
 
 def ancestor_for(model, particles, weights, ref, step_no, question, cfg, u, prompt):
@@ -157,15 +188,16 @@ def policy(tmp_path_factory):
     CONFIG,
     replace(CONFIG, algorithm="particle_gibbs", num_particles=3, max_steps=3, iterations=3),
     replace(CONFIG, algorithm="particle_gibbs", num_particles=4, max_steps=4, iterations=6, ancestor_sampling=True),
-], ids=["particle_filter", "particle_gibbs", "ancestor_sampling"])
+    replace(CONFIG, max_steps=8, max_step_tokens=12, max_new_tokens=40, budget_forcing=BUDGET),
+], ids=["particle_filter", "particle_gibbs", "ancestor_sampling", "budget_forcing"])
 def test_engine_equals_reference(policy, config):
     results = Engine(policy=policy, prm=reward, kv_cache_memory=8 << 20).solve(QUESTIONS, config)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy)
     resampled = False
     for problem, (question, result) in enumerate(zip(QUESTIONS, results, strict=True)):
-        texts, weights = reference_search(model, tokenizer, question, problem, config)
-        assert result.particles == texts
+        texts, weights, num_tokens = reference_search(model, tokenizer, question, problem, config)
+        assert result.particles == texts and result.num_tokens == num_tokens
         np.testing.assert_allclose(result.weights, weights, rtol=1e-5, atol=1e-7)
         resampled |= any(n.num_children != 1 for n in result.tree if n.depth == 0)
         assert math.isclose(sum(result.weights), 1.0, rel_tol=1e-6)
@@ -178,3 +210,5 @@ def test_engine_equals_reference(policy, config):
     spliced = [n for r, ids in zip(results, by_id, strict=True) for n in r.tree if n.reference and n.parent >= 0
                and not ids[n.parent].reference]
     assert bool(spliced) == config.ancestor_sampling, "ancestor sampling never moved the reference"
+    forced = {n.forced for n in tree}
+    assert forced == ({None, "wait", "end"} if config.budget_forcing else {None}), forced

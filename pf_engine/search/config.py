@@ -4,7 +4,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
-from pf_engine.engine import StepRules
+from pf_engine.engine import BudgetForcing, StepRules
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
@@ -51,6 +51,10 @@ class SearchConfig:
     They are looked for in each step's text when the step ends, and the text is
     cut before the string; the tokens after it in that step are drawn and dropped.
 
+    ``budget_forcing`` (pf_engine.engine.BudgetForcing, or a dict of its fields) makes thinking
+    particles go on past an early end with a wait phrase, and end at a budget, for every
+    algorithm (particle filtering with it is the authors' "Gibbs with But wait").
+
     ``system_prompt`` goes before the question as a system turn of the policy's chat template
     (``pf_engine.prompts.PROMPT_PRESETS`` holds the paper's).
     """
@@ -76,8 +80,15 @@ class SearchConfig:
     seed: int = 0
     system_prompt: str | None = None
     stop: tuple[str, ...] = ()
+    budget_forcing: BudgetForcing | None = None
 
     def __post_init__(self):
+        if isinstance(self.budget_forcing, dict):
+            unknown = sorted(set(self.budget_forcing) - set(BudgetForcing.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"budget_forcing: unknown option {unknown[0]!r}; the options are "
+                                 f"{', '.join(BudgetForcing.__dataclass_fields__)}")
+            object.__setattr__(self, "budget_forcing", BudgetForcing(**self.budget_forcing))
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         if self.algorithm not in ALGORITHMS:
@@ -114,6 +125,10 @@ class SearchConfig:
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        forcing = self.budget_forcing
+        if forcing is not None and any(self.step_delimiter in phrase for phrase in (
+                forcing.wait_phrase, *((forcing.end_phrase,) if forcing.max_tokens is not None else ()))):
+            raise ValueError("budget_forcing: a forced phrase must not hold step_delimiter (it would end its step)")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
             raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
         _ = self.sampling  # validates top_p and top_k
@@ -132,15 +147,16 @@ class SearchConfig:
         """How particles write their steps, as the engine takes it (drawing with ``seed``, default the config's)."""
         return StepRules(sampling=self.sampling, seed=self.seed if seed is None else seed, max_steps=self.max_steps,
                          max_step_tokens=self.max_step_tokens, max_new_tokens=self.max_new_tokens,
-                         stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop)
+                         stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop,
+                         budget=self.budget_forcing)
 
     @property
     def num_sweeps(self) -> int:
         return self.iterations if self.algorithm == "particle_gibbs" else 1
 
 
-_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list of strings",
-               type(None): "null"}
+_TYPE_NAMES = {BudgetForcing: "an object of budget forcing options", int: "an int", float: "a number",
+               str: "a string", bool: "true or false", tuple: "a list of strings", type(None): "null"}
 
 
 def _check_type(name: str, value, annotation) -> None:
