@@ -273,6 +273,17 @@ class Rows:
         self.free.extend(rows.tolist())
 
 
+@dataclass(frozen=True, slots=True)
+class _Ends:
+    """How each drawn token ends things, one bool per row (arrays changed in place by budget forcing)."""
+
+    forcing: np.ndarray  # the token was forced
+    finished: np.ndarray  # the particle ends
+    capped: np.ndarray  # ... by max_new_tokens alone
+    step_done: np.ndarray  # the step ends
+    feed: np.ndarray  # the token goes to the model
+
+
 def _timed(phase: str):
     """Adds the wall time of each call to ``self.stats["seconds_<phase>"]``."""
 
@@ -616,34 +627,35 @@ class ParticleEngine:
             step_done[forcing & prefix] = finished[forcing & prefix] = False  # nothing ends inside a phrase
         feed = ~finished
         if rules.budget is not None:
-            self._budget(rows, tokens, step_len, num_tokens, forcing, finished, capped, step_done, feed, rules)
+            self._budget(rows, tokens, rules, _Ends(forcing, finished, capped, step_done, feed))
         r.finished[rows] = finished
         r.capped[rows] = capped
         stopped = finished | step_done
         r.writing[rows] = ~stopped
         return tokens, feed, stopped
 
-    def _budget(self, rows, tokens, step_len, num_tokens, forcing, finished, capped, step_done, feed, rules) -> None:
-        """Budget forcing on one token of each row (the arrays are the rows' own, changed in place)."""
+    def _budget(self, rows: np.ndarray, tokens: np.ndarray, rules: StepRules, ends: "_Ends") -> None:
+        """Budget forcing on the newest token of each row: ``ends`` is changed in place."""
         r, budget = self.rows, rules.budget
-        thinking = ~forcing & ~r.answering[rows]
-        short = thinking & finished & ~capped & ((num_tokens < budget.min_tokens)
-                                                 | (r.continuations[rows] < budget.min_continuations))
+        num_tokens = r.num_tokens[rows]
+        thinking = ~ends.forcing & ~r.answering[rows]
+        short = thinking & ends.finished & ~ends.capped & ((num_tokens < budget.min_tokens)
+                                                           | (r.continuations[rows] < budget.min_continuations))
         if budget.max_tokens is not None:
             short &= num_tokens < budget.max_tokens
         if short.any():  # its end does not stand: the step ends, and the next starts with the wait phrase
-            finished[short], step_done[short] = False, True
+            ends.finished[short], ends.step_done[short] = False, True
             r.pending[rows[short]] = _WAIT
             dropped = short & self.step_end_tables(rules.delimiter).eos[tokens]
             if dropped.any():  # the EOS is neither kept nor fed
-                step_len[dropped] -= 1
+                r.step_len[rows[dropped]] -= 1
+                r.num_tokens[rows[dropped]] -= 1
                 num_tokens[dropped] -= 1
-                r.step_len[rows[dropped]], r.num_tokens[rows[dropped]] = step_len[dropped], num_tokens[dropped]
-                feed[dropped] = False
-            feed[short & ~dropped] = True
+                ends.feed[dropped] = False
+            ends.feed[short & ~dropped] = True
         if budget.max_tokens is not None:
-            over = thinking & ~finished & ~short & (num_tokens >= budget.max_tokens)
-            step_done[over] = True
+            over = thinking & ~ends.finished & ~short & (num_tokens >= budget.max_tokens)
+            ends.step_done[over] = True
             r.pending[rows[over]] = _END
 
     @_timed("decode")
