@@ -6,7 +6,9 @@ softmax over the logits of ("+", "-") there, taken at "+". Problems are the ship
 arithmetic word problems in the demo's instruction. Every way runs particle
 filtering with N particles, at most S steps of at most T tokens ending at a blank
 line, temperature 0.8, weights softmax(logit(reward)), systematic resampling after
-every step, and all problems in one batch:
+every step, and all problems in one batch. The ways alternate over --repeats runs
+(A B C, then C B A, ...) and each figure is the median over the runs, so machine drift
+cancels:
 
   pf_engine     Engine.solve: prompts prefilled once and forked, one paged KV pool,
                 forks on resampling, the PRM reads each new step once
@@ -26,16 +28,17 @@ block size, as its prefix cache shares them, plus each sequence's partial block)
 beside the pool it preallocates; transformers' is the padded batch of each call.
 
 vLLM runs in its own virtual environment (``bash bench/setup_vllm.sh``): this
-script calls that venv's python on itself with ``--worker``; its start-up is
-reported, not timed. Without it the vLLM column says why it did not run.
+script calls that venv's python on itself with ``--worker`` once per run; its
+start-up is reported, not timed. Without it the vLLM column says why it did not run.
 
-    python bench/bench_pf_vs_vllm.py [--problems 2 --particles 4 16 64 --steps 2 4 8 --out bench/out/pf_vs_vllm]
+    python bench/bench_pf_vs_vllm.py [--problems 2 --particles 4 16 64 --steps 2 4 8 --repeats 2]
 """
 
 import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -313,6 +316,12 @@ def run_vllm(job, vllm_python: str | None, log: Path) -> tuple[dict | None, str]
         return json.loads(out_path.read_text()), "ok"
 
 
+def medians(runs: list[list[dict]]) -> list[dict]:
+    """Each config's figures, the median over the runs of a way."""
+    return [{k: rows[0][k] if k in ("particles", "steps") else statistics.median(r[k] for r in rows) for k in rows[0]}
+            for rows in zip(*runs, strict=True)]
+
+
 def table(job, ours, others: dict) -> str:
     lines = ["| N | steps | way | s / problem | tokens gen. | gen. tok/s | PRM tokens read | PRM tokens computed "
              "| prompt tokens resent | peak KV MiB | pf_engine time ratio | pf_engine KV ratio |",
@@ -326,8 +335,8 @@ def table(job, ours, others: dict) -> str:
             ratio = f"{r['seconds'] / mine['seconds']:.2f}x" if name != "pf_engine" else ""
             kv_ratio = f"{mine['peak_kv_bytes'] / r['peak_kv_bytes']:.3f}" if name != "pf_engine" else ""
             lines.append(f"| {r['particles']} | {r['steps']} | {name} | {r['seconds'] / num_problems:.2f} "
-                         f"| {r['tokens_generated']} | {r['tokens_generated'] / r['seconds']:.0f} | {r['prm_tokens']} "
-                         f"| {r['prm_tokens_computed']} | {r['prompt_tokens_resent']} "
+                         f"| {r['tokens_generated']:.0f} | {r['tokens_generated'] / r['seconds']:.0f} "
+                         f"| {r['prm_tokens']:.0f} | {r['prm_tokens_computed']:.0f} | {r['prompt_tokens_resent']:.0f} "
                          f"| {r['peak_kv_bytes'] / 2**20:.1f} | {ratio} | {kv_ratio} |")
     return "\n".join(lines)
 
@@ -371,6 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-step-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-mib", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each way, alternating")
     parser.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["vllm", "transformers"])
     parser.add_argument("--out", default=str(HERE / "out" / "pf_vs_vllm"))
@@ -385,24 +395,33 @@ def main(argv=None) -> int:
     job, engine = make_job(args)
     print(f"{len(job['prompts'])} problems, configs (N, steps): {job['configs']}, "
           f"<= {args.max_step_tokens} tokens/step", flush=True)
-    ours = run_pf_engine(engine, job)
-    del engine
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    others, notes = {}, {}
-    if "vllm" in args.skip:
-        others["vllm"], notes["vllm"] = None, "not run: --skip vllm"
-    else:
-        out, notes["vllm"] = run_vllm(job, args.vllm_python, out_dir / "vllm_worker.log")
-        others["vllm"] = out and out["rows"]
+    notes = {way: f"not run: --skip {way}" for way in args.skip}
+    hf = None if "transformers" in args.skip else HfBackend(job)
+
+    def run(way) -> list[dict] | None:
+        if way == "pf_engine":
+            return run_pf_engine(engine, job)
+        if way == "transformers":
+            notes[way] = "ok"
+            return run_baseline(hf, job)
+        out, notes[way] = run_vllm(job, args.vllm_python, out_dir / "vllm_worker.log")
         if out:
-            notes["vllm"] = (f"ok; start-up {out['startup_seconds']:.0f} s (not timed); block size "
-                             f"{out['block_size']}; pool VLLM_CPU_KVCACHE_SPACE={vllm_pool_gib(job)} GiB on CPU "
-                             f"(pf_engine: {job['kv_cache_mib']} MiB)")
-    if "transformers" in args.skip:
-        others["transformers"], notes["transformers"] = None, "not run: --skip transformers"
-    else:
-        others["transformers"], notes["transformers"] = run_baseline(HfBackend(job), job), "ok"
+            notes[way] = (f"ok; start-up {out['startup_seconds']:.0f} s a run (not timed); block size "
+                          f"{out['block_size']}; pool VLLM_CPU_KVCACHE_SPACE={vllm_pool_gib(job)} GiB on CPU "
+                          f"(pf_engine: {job['kv_cache_mib']} MiB)")
+        return out and out["rows"]
+
+    ways = ["pf_engine"] + [way for way in ("vllm", "transformers") if way not in args.skip]
+    runs = {way: [] for way in ways}
+    for repeat in range(args.repeats):  # A B C, then C B A, ...
+        for way in ways if repeat % 2 == 0 else ways[::-1]:
+            if not runs[way] or runs[way][-1] is not None:  # a way that could not run is not tried again
+                runs[way].append(run(way))
+    ours = medians(runs["pf_engine"])
+    others = {way: medians(runs[way]) if runs.get(way) and runs[way][-1] is not None else None
+              for way in ("vllm", "transformers")}
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     machine = f"{os.cpu_count()} CPUs, {gpu}"
@@ -410,8 +429,8 @@ def main(argv=None) -> int:
         f"# pf_engine vs vLLM vs transformers: particle filtering, {machine}",
         "",
         f"{len(job['prompts'])} problems, <= {args.max_step_tokens} tokens per step, temperature {TEMPERATURE}, "
-        f"model {Path(job['model']).name} (policy and token-pair PRM). Ratios: baseline time / pf_engine time, "
-        "pf_engine KV / baseline KV.",
+        f"model {Path(job['model']).name} (policy and token-pair PRM); medians of {args.repeats} alternating runs. "
+        "Ratios: baseline time / pf_engine time, pf_engine KV / baseline KV.",
         "",
         *[f"- {name}: {note}" for name, note in notes.items()],
         "",
@@ -420,7 +439,8 @@ def main(argv=None) -> int:
     ])
     (out_dir / "results.md").write_text(report)
     (out_dir / "results.json").write_text(json.dumps({"job": {k: v for k, v in job.items() if "prompt" not in k},
-                                                      "pf_engine": ours, **others, "notes": notes}, indent=1))
+                                                      "pf_engine": ours, **others, "notes": notes, "runs": runs},
+                                                     indent=1))
     plot(job, ours, others, out_dir / "results.png", args.fixed_particles, args.fixed_steps)
     print(report)
     print(f"written: {out_dir / 'results.md'}, {out_dir / 'results.png'}")

@@ -67,7 +67,7 @@ def run_engine(engine, job) -> dict:
             "tokens_discarded": sum(r.stats["discarded_tokens"] for r in results),
             "occupancy": stats["decode_sequences"] / max(stats["decode_forwards"], 1),
             "peak_blocks": max(r.stats["peak_blocks"] for r in results),
-            "preemptions": sum(r.stats["preemptions"] for r in results)}
+            "preemptions": sum(r.stats["preemptions"] for r in results), "answers": [r.answer for r in results]}
 
 
 def worker(job_path: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build a separate virtual environment holding vLLM for bench/bench_pf_vs_vllm.py,
-# so the project's own environment never sees vLLM's dependencies.
+# Build a separate virtual environment holding vLLM for bench/bench_pf_vs_vllm.py and
+# bench_scale.py, and vLLM with Red Hat's its_hub for bench/bench_vs_its_hub.py, so the
+# project's own environment never sees their dependencies.
 #
 #   bash bench/setup_vllm.sh [VENV_DIR]        (default: bench/.vllm-venv)
 #
@@ -29,8 +30,15 @@ else
     "$pip" uninstall -y torchvision torchaudio torchcodec || true
 fi
 
+# its_hub 1.2.0 with --no-deps, so pip leaves torch and vLLM's pins alone. Its core needs numpy
+# and typing-extensions; its OpenAI-compatible LM and StepGeneration (the "lm" extra) need openai,
+# aiohttp, certifi and requests, which vLLM has already brought, and backoff, which it has not.
+"$pip" install --no-deps its-hub==1.2.0 "backoff>=2.2"
+
 "$venv/bin/python" - <<'PY'
-import transformers, vllm
-print(f"vllm {vllm.__version__}, transformers {transformers.__version__}")
+import its_hub, transformers, vllm
+from its_hub import OpenAICompatibleLanguageModel, StepGeneration
+from its_hub.core.algorithms.particle_gibbs import ParticleFiltering
+print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, its_hub {its_hub.__version__}")
 PY
-echo "ready: python bench/bench_pf_vs_vllm.py --vllm-python $venv/bin/python"
+echo "ready: python bench/bench_pf_vs_vllm.py --vllm-python $venv/bin/python (or bench_vs_its_hub.py)"
