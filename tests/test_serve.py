@@ -324,12 +324,14 @@ def open_stream(url, **body):
 
 def wait_for_state(lines, state):
     """Read up to the first progress event of ``state`` (the iterator stays open)."""
+    seen = []
     for line in lines:
         if line.startswith("data: {"):
+            seen.append(line[-300:])
             progress = json.loads(line[6:]).get("pf_engine", {}).get("progress")
             if progress and progress["state"] == state:
                 return progress
-    raise AssertionError(f"the stream ended before a {state!r} progress event")
+    raise AssertionError(f"the stream ended before a {state!r} progress event: {seen[-3:]}")
 
 
 def test_a_client_that_goes_away_gives_its_blocks_back(busy_server):
@@ -354,10 +356,10 @@ def test_a_full_queue_answers_429_and_a_request_too_big_400(busy_server):
                                     extra_body={"budget": 64, "search": {"max_step_tokens": 4000}})
     assert caught.value.body["param"] == "budget"
     assert re.search(r"needs at least \d+ KV blocks \([\d.]+ [KM]iB\)", caught.value.body["message"])
-    first, running, lines = open_stream(busy_server, seed=2)
-    wait_for_state(lines, "running")
-    second, waiting, lines = open_stream(busy_server, seed=3)
-    wait_for_state(lines, "waiting")
+    first, running, first_lines = open_stream(busy_server, seed=2)  # each kept: a dropped iterator closes its stream
+    wait_for_state(first_lines, "running")
+    second, waiting, second_lines = open_stream(busy_server, seed=3)
+    wait_for_state(second_lines, "waiting")
     with pytest.raises(openai.RateLimitError) as caught:
         api.chat.completions.create(model=openai.NOT_GIVEN, messages=user("2+2"))
     assert caught.value.status_code == 429 and caught.value.body["type"] == "rate_limit_error"
