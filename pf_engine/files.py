@@ -28,3 +28,23 @@ def write_atomically(path, lines: Iterable[str]) -> None:
                 f.write(line + "\n")
 
     replace_atomically(path, write)
+
+
+def write_all_atomically(files: dict) -> None:
+    """Each ``path: lines`` of ``files`` written, or none of them: every file goes to a temporary file
+    first, and only once all are complete are they renamed into place."""
+    done: list[tuple[str, Path]] = []
+    try:
+        for path, lines in files.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            done.append((tmp, path))
+            with os.fdopen(fd, "w") as f:
+                for line in lines:
+                    f.write(line + "\n")
+        for tmp, path in done:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

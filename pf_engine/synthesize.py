@@ -36,7 +36,7 @@ from pathlib import Path
 from pf_engine.answers import extract_answer, is_correct
 from pf_engine.api import Engine, Result
 from pf_engine.engine import BudgetForcing
-from pf_engine.files import write_atomically
+from pf_engine.files import write_all_atomically
 from pf_engine.search import SearchConfig
 
 DATASETS = ("verified", "stitch", "backtrack", "but-wait")
@@ -74,7 +74,7 @@ class SynthesisConfig:
 def synthesize(engine: Engine, problems: list[dict], out_dir, config: SynthesisConfig,
                progress=None) -> dict[str, list[dict]]:
     """Run the searches the datasets need over ``problems`` (dicts with "problem" or "question" and
-    "answer"), write ``OUT/<dataset>.jsonl`` for each (whole or not at all) and return the records."""
+    "answer"), write ``OUT/<dataset>.jsonl`` for each (all of them whole, or none) and return the records."""
     out_dir = Path(out_dir)
     check_inputs(problems, out_dir)
     search = config.search
@@ -97,8 +97,7 @@ def synthesize(engine: Engine, problems: list[dict], out_dir, config: SynthesisC
             found = build(result, problem["answer"], config)
             records[name] += [_record(result, index, algorithm, search.seed, pieces, counts, config)
                               for pieces, counts in _keep(found, result, config)]
-    for name, rows in records.items():
-        write_atomically(out_dir / f"{name}.jsonl", (json.dumps(r) for r in rows))
+    write_all_atomically({out_dir / f"{name}.jsonl": (json.dumps(r) for r in rows) for name, rows in records.items()})
     return records
 
 

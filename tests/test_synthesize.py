@@ -192,3 +192,19 @@ def test_the_command_writes_every_dataset_and_a_summary(policy, problems, tmp_pa
         assert all(json.loads(line)["messages"][1]["content"].startswith("<|thought|>\n") for line in lines)
     np.testing.assert_equal(sorted(p.name for p in tmp_path.glob("*.jsonl")),
                             sorted(["p.jsonl", "verified.jsonl", "stitch.jsonl", "backtrack.jsonl", "but-wait.jsonl"]))
+
+
+def test_the_datasets_are_written_all_or_none(tmp_path):
+    from pf_engine.files import write_all_atomically
+
+    def failing():
+        yield "one line"
+        raise OSError("disk full")
+
+    (tmp_path / "verified.jsonl").write_text("old\n")
+    with pytest.raises(OSError, match="disk full"):
+        write_all_atomically({tmp_path / "verified.jsonl": ["new"], tmp_path / "stitch.jsonl": failing()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["verified.jsonl"]  # no part files, nothing new
+    assert (tmp_path / "verified.jsonl").read_text() == "old\n"
+    write_all_atomically({tmp_path / "verified.jsonl": ["new"], tmp_path / "stitch.jsonl": ["s"]})
+    assert (tmp_path / "verified.jsonl").read_text() == "new\n" and (tmp_path / "stitch.jsonl").read_text() == "s\n"
