@@ -20,6 +20,7 @@ import asyncio
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx2 as httpx
@@ -83,7 +84,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{args.port}"
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "pf_engine.cli", "serve", "--port", str(args.port),
-                               "--log-level", "warning", *FLAGS])
+                               "--log-level", "warning", *FLAGS], cwd=tempfile.gettempdir())  # not the source folder
     try:
         while True:
             if server.poll() is not None:

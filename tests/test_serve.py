@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def wait_until_healthy(url: str, exited=lambda: False) -> None:
 
 def start_server(folder, *flags) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # run outside the source folder, whose unbuilt pf_engine/ would shadow the installed package
     process = subprocess.Popen([sys.executable, "-m", "pf_engine.cli", "serve", "--policy", str(folder), "--port",
-                                str(port), "--log-level", "warning", *flags],
+                                str(port), "--log-level", "warning", *flags], cwd=tempfile.gettempdir(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
