@@ -282,6 +282,7 @@ def demo(args) -> int:
     from pf_engine.models.smollm2 import smollm2_path
     from pf_engine.savings import count_savings
     from pf_engine.search.config import SearchConfig
+    from pf_engine.tree_plot import plot_tree
     from pf_engine.verifiers import arithmetic_verifier
 
     tree_out = output_path("--tree-out", args.tree_out)
@@ -334,7 +335,7 @@ def demo(args) -> int:
         table.add_row(f"[dim]{how}[/dim]", "", "", "")
     console.print(table)
     shown = max(range(len(results)), key=lambda i: len(results[i].tree))  # the widest search
-    results[shown].plot_tree(tree_out)
+    plot_tree(results[shown].tree_records(), tree_out, title=problems[shown]["problem"])
     print(f"the search tree of problem {shown} (particle filtering, SmolLM2 as PRM): {tree_out}")
     return 0
 

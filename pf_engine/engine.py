@@ -679,7 +679,10 @@ class ParticleEngine:
         texts = self.decode(ids) if ids else []
         steps, i = [], 0
         for p, slots in zip(problems, stepped, strict=True):
-            steps.append([(s, ids[i + k], self._cut_at_stop(p, s, texts[i + k])) for k, s in enumerate(slots)])
+            if p.rules.stop:
+                steps.append([(s, ids[i + k], self._cut_at_stop(p, s, texts[i + k])) for k, s in enumerate(slots)])
+            else:
+                steps.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
             i += len(slots)
         return Round(problems, steps)
 
