@@ -7,8 +7,8 @@ from pf_engine.kv_cache import KVCache
 BlockManager = _C.BlockManager
 
 __version__ = "0.1.0"
-__all__ = ["BlockManager", "Engine", "KVCache", "OutOfBlocksError", "PfEngineError", "Result", "SearchConfig",
-           "__version__"]
+__all__ = ["BlockManager", "BudgetForcing", "Engine", "KVCache", "OutOfBlocksError", "PfEngineError", "Result",
+           "SearchConfig", "__version__"]
 
 
 def __getattr__(name):
@@ -21,4 +21,8 @@ def __getattr__(name):
         from pf_engine.search.config import SearchConfig
 
         return SearchConfig
+    if name == "BudgetForcing":
+        from pf_engine.state import BudgetForcing
+
+        return BudgetForcing
     raise AttributeError(f"module 'pf_engine' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, Problem, TreeNode, chat_ids
+from pf_engine.engine import ParticleEngine, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
@@ -20,6 +20,7 @@ from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import SearchConfig, SelectionPolicy, policy_for
+from pf_engine.state import Problem, TreeNode
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 

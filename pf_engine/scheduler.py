@@ -34,10 +34,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pf_engine.engine import ParticleEngine, Problem
+from pf_engine.engine import ParticleEngine
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.philox import RESAMPLE_TOKEN, search_uniforms
 from pf_engine.search.config import SearchConfig
+from pf_engine.state import Problem
 
 # Admission keeps this share of a pool free beyond the running round's needs (copy-on-write
 # copies, rounds that outgrow a step); preemption handles what it does not cover.

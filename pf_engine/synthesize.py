@@ -35,9 +35,9 @@ from pathlib import Path
 
 from pf_engine.answers import extract_answer, is_correct
 from pf_engine.api import Engine, Result
-from pf_engine.engine import BudgetForcing
 from pf_engine.files import write_all_atomically
 from pf_engine.search import SearchConfig
+from pf_engine.state import BudgetForcing
 
 DATASETS = ("verified", "stitch", "backtrack", "but-wait")
 MARKERS = {"think": ("<think>\n", "\n</think>\n\n"), "thought": ("<|thought|>\n", "\n<|/thought|>\n\n")}

@@ -353,8 +353,8 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
 
     from transformers import AutoModelForCausalLM
 
-    from pf_engine.engine import Problem
     from pf_engine.sampling import filtered_logits
+    from pf_engine.state import Problem
 
     engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
     core, config = engine.core, SearchConfig(**SMALL, temperature=0.7)

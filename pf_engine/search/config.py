@@ -4,10 +4,10 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
-from pf_engine.engine import BudgetForcing, StepRules
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
+from pf_engine.state import BudgetForcing, StepRules
 
 ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
@@ -51,7 +51,7 @@ class SearchConfig:
     They are looked for in each step's text when the step ends, and the text is
     cut before the string; the tokens after it in that step are drawn and dropped.
 
-    ``budget_forcing`` (pf_engine.engine.BudgetForcing, or a dict of its fields) makes thinking
+    ``budget_forcing`` (pf_engine.state.BudgetForcing, or a dict of its fields) makes thinking
     particles go on past an early end with a wait phrase, and end at a budget, for every
     algorithm (particle filtering with it is the authors' "Gibbs with But wait").
 

@@ -4,9 +4,10 @@ lives on the Problem)."""
 
 import numpy as np
 
-from pf_engine.engine import ParticleEngine, Problem, Round
+from pf_engine.engine import ParticleEngine
 from pf_engine.resample import ResampleOutput
 from pf_engine.search.config import SearchConfig
+from pf_engine.state import Problem, Round
 
 
 class SelectionPolicy:

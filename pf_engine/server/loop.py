@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from pf_engine.api import Engine
-from pf_engine.engine import Problem
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.scheduler import Scheduler
+from pf_engine.state import Problem
 
 log = logging.getLogger("pf_engine.server")
 
@@ -124,18 +124,24 @@ class EngineLoop:
                     self._fail_all(exc)
                 else:
                     self.scheduler.cancel(exc.problem)
+                    self._count()
                     ticket = self._tickets.pop(id(exc.problem))
                     ticket.done = True
                     ticket.post("error", exc)
             except Exception as exc:  # nothing a request sends gets here; a PRM callable or a bug may
                 log.exception("the engine loop failed; every request in flight gets the error")
                 self._fail_all(exc)
-            with self._lock:
-                self.num_waiting, self.num_running = len(self.scheduler.waiting), len(self.scheduler.running)
+            self._count()
             self._progress()
         self._fail_all(RuntimeError("the server is shutting down"))
 
+    def _count(self) -> None:
+        """The queue and batch sizes /metrics shows, brought up to date before any client hears of a change."""
+        with self._lock:
+            self.num_waiting, self.num_running = len(self.scheduler.waiting), len(self.scheduler.running)
+
     def _finish(self, ticket: Ticket, problem: Problem) -> None:
+        self._count()
         try:
             result = self.engine.result(problem)
         except Exception as exc:
@@ -160,15 +166,18 @@ class EngineLoop:
                                          "sweep": p.sweep, "live_particles": int((~p.finished).sum())})
 
     def _fail_all(self, exc: BaseException) -> None:
-        """Every request in flight gets ``exc``; the pools are emptied and a fresh scheduler takes over."""
-        for ticket in self._tickets.values():
-            ticket.done = True
-            ticket.post("error", exc)
+        """Every request in flight gets ``exc``, once the pools are emptied and a fresh scheduler has
+        taken over (a client told of the failure finds the server ready)."""
+        failed = list(self._tickets.values())
         self._tickets.clear()
         for manager in self.scheduler.managers:
             for seq in manager.seq_ids().tolist():
                 manager.free(seq)
         self.scheduler = self._new_scheduler()
+        self._count()
+        for ticket in failed:
+            ticket.done = True
+            ticket.post("error", exc)
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.engine.core, self.engine.bytes_per_block, max_running=self.max_running)
