@@ -16,7 +16,8 @@ def test_there_are_cuda_sources():
     assert SOURCES, f"no .cu files under {CUDA_DIR}"
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: install the CUDA toolkit (or put its "
+                    "bin/ on PATH) to compile-check the .cu sources")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles(source, arch, tmp_path):

@@ -50,7 +50,9 @@ def test_the_its_hub_subclass_scores_what_step_generation_hands_it():
     try:
         from its_hub import StepGeneration
     except ImportError as exc:
-        pytest.skip(f"its_hub is not installed here (it lives in bench/.vllm-venv): {exc}")
+        pytest.skip(f"its_hub's StepGeneration does not import here ({exc}); `pip install --no-deps its-hub==1.2.0 "
+                    "&& pip install 'backoff>=2.2' aiohttp` runs this check (bench/setup_vllm.sh installs its_hub only "
+                    "in bench/.vllm-venv)")
     sg = StepGeneration(max_steps=8, step_token=DELIMITER, stop_token="\\boxed{")
     prm = its_hub_prm(arithmetic_verifier)
     responses = [sg._post_process(steps, stopped=True) for steps in STEP_LISTS]  # what ParticleFiltering sends
