@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import ParticleEngine, chat_ids
+from pf_engine.engine import PEAK_STATS, ParticleEngine, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
@@ -20,7 +20,7 @@ from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import SearchConfig, SelectionPolicy, policy_for
-from pf_engine.state import Problem, TreeNode
+from pf_engine.state import Problem, TreeNode, path_to
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -53,13 +53,13 @@ class Result:
     # "length" (max_new_tokens or max_steps)
     finish_reasons: list[str] = field(default_factory=list)
 
+    def path_of(self, particle: int) -> list[int]:
+        """The tree nodes of final particle ``particle``'s steps, first to last."""
+        return path_to(self.tree, self.leaves[particle])
+
     def steps_of(self, particle: int) -> list[str]:
         """The texts of final particle ``particle``'s steps, first to last."""
-        texts, node = [], self.leaves[particle]
-        while node >= 0:
-            texts.append(self.tree[node].text)
-            node = self.tree[node].parent
-        return texts[::-1]
+        return [self.tree[node].text for node in self.path_of(particle)]
 
     def tree_records(self) -> list[dict]:
         """Every node's fields, and whether it is a final particle's newest step (``final``) and the
@@ -270,8 +270,7 @@ class Engine:
         return problem
 
     def _stream(self, states: list[Problem]) -> Iterator[tuple[int, "Result"]]:
-        self.core.stats |= {"peak_blocks": 0, "peak_prm_blocks": 0, "peak_unshared_blocks": 0,
-                            "peak_unshared_prm_blocks": 0}  # peaks are per call
+        self.core.stats |= dict.fromkeys(PEAK_STATS, 0)  # peaks are per call
         scheduler = Scheduler(self.core, self.bytes_per_block, states)
         for problem in scheduler.run():
             yield problem.index, self.result(problem)
@@ -316,9 +315,7 @@ class Engine:
                  "tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
                  "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
                  "discarded_tokens": problem.discarded_tokens,
-                 "preemptions": problem.num_preemptions} | {
-            key: self.core.stats[key] for key in ("peak_blocks", "peak_prm_blocks", "peak_unshared_blocks",
-                                                  "peak_unshared_prm_blocks")}
+                 "preemptions": problem.num_preemptions} | {key: self.core.stats[key] for key in PEAK_STATS}
         lengths = problem.num_tokens.tolist()
         reasons = ["stop" if done and not capped else "length"
                    for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]

@@ -27,10 +27,24 @@ from pf_engine.prm_format import PRMFormat
 from pf_engine.resample import ResampleOutput, ResampleParams, resample
 from pf_engine.runner import ModelRunner
 from pf_engine.sampling import SamplingParams, filtered_logits, sample
-from pf_engine.state import PHRASE_END, PHRASE_WAIT, BudgetForcing, Ends, Problem, Round, Rows, StepRules, TreeNode
+from pf_engine.state import (
+    PARTICLE_STATE,
+    PHRASE_END,
+    PHRASE_WAIT,
+    BudgetForcing,
+    Ends,
+    Problem,
+    Round,
+    Rows,
+    StepRules,
+    TreeNode,
+)
 from pf_engine.step_end import StepEndTables, advance_boxed, token_texts
 
 MAX_RULES = 256  # distinct step rules kept before those of no placed row are dropped
+# Peaks of blocks in use and of the blocks the particles would hold unshared, for the policy's and a model
+# PRM's pools (ParticleEngine.stats; reset at the start of each call)
+PEAK_STATS = ("peak_blocks", "peak_prm_blocks", "peak_unshared_blocks", "peak_unshared_prm_blocks")
 
 
 def _timed(phase: str):
@@ -66,10 +80,9 @@ class ParticleEngine:
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         # peaks since the call began; forwards and sequences fed for occupancy; seconds per phase
-        self.stats = {"peak_blocks": 0, "peak_prm_blocks": 0, "peak_unshared_blocks": 0,
-                      "peak_unshared_prm_blocks": 0, "decode_forwards": 0, "decode_sequences": 0,
-                      "seconds_prefill": 0.0, "seconds_decode": 0.0, "seconds_score": 0.0, "seconds_resample": 0.0,
-                      "seconds_ancestors": 0.0}
+        self.stats = dict.fromkeys(PEAK_STATS, 0) | {
+            "decode_forwards": 0, "decode_sequences": 0, "seconds_prefill": 0.0, "seconds_decode": 0.0,
+            "seconds_score": 0.0, "seconds_resample": 0.0, "seconds_ancestors": 0.0}
         self._texts: list[str] | None = None
         self._tables: dict[str, StepEndTables] = {}
         self._phrases: dict[str, list[int]] = {}
@@ -118,7 +131,7 @@ class ParticleEngine:
         """Keep only the rules (and step-end tables) of placed rows: a long-lived server sees a new
         seed, so new rules, with nearly every request."""
         r = self.rows
-        placed = np.setdiff1d(np.arange(r.capacity), r.free)
+        placed = np.flatnonzero(r.placed)
         used, r.rule[placed] = np.unique(r.rule[placed], return_inverse=True)
         self.rules = [self.rules[i] for i in used.tolist()]
         self._rule_ids = {rule: i for i, rule in enumerate(self.rules)}
@@ -272,17 +285,13 @@ class ParticleEngine:
         """Every live particle of ``problem`` starts writing its next step."""
         problem.committed = None
         r, rows, rules = self.rows, problem.rows, problem.rules
+        for name in PARTICLE_STATE:
+            getattr(r, name)[rows] = getattr(problem, name)
         r.writing[rows] = ~problem.finished
-        r.finished[rows] = problem.finished
-        r.capped[rows] = problem.capped
         r.step_len[rows] = 0
         r.delim[rows] = 0
-        r.num_tokens[rows] = problem.num_tokens
-        r.boxed[rows] = problem.boxed
         r.round[rows] = problem.round_(rules.max_steps)
         r.forcing[rows] = r.forced_prefix[rows] = False
-        r.continuations[rows], r.answering[rows], r.pending[rows] = (problem.continuations, problem.answering,
-                                                                     problem.pending)
         for slot, (ids, finishes) in problem.forced.items():
             row = rows[slot]
             r.forcing[row], r.forced_finishes[row], r.forced_len[row] = True, finishes, len(ids)
@@ -458,9 +467,8 @@ class ParticleEngine:
     def commit_round(self, problem: Problem, steps: list[tuple[int, list[int], str]]) -> list[int]:
         """The round's steps join the tree and the particles' durable state; returns their nodes."""
         r, rows = self.rows, problem.rows
-        problem.committed = (len(problem.tree), problem.leaf.copy(), problem.finished, problem.capped,
-                             problem.num_tokens, problem.boxed, problem.continuations, problem.answering,
-                             problem.pending)
+        problem.committed = (len(problem.tree), problem.leaf.copy(),
+                             {name: getattr(problem, name) for name in PARTICLE_STATE})
         nodes = []
         for slot, ids, text in steps:
             row = rows[slot]
@@ -474,12 +482,8 @@ class ParticleEngine:
             problem.node_tokens.append(ids)
             problem.leaf[slot] = node.node
             nodes.append(node.node)
-        problem.finished = r.finished[rows].copy()
-        problem.capped = r.capped[rows].copy()
-        for name in ("continuations", "answering", "pending"):
+        for name in PARTICLE_STATE:
             setattr(problem, name, getattr(r, name)[rows].copy())
-        problem.num_tokens = r.num_tokens[rows].copy()
-        problem.boxed = r.boxed[rows].copy()
         problem.forced = {}
         return nodes
 
@@ -487,8 +491,9 @@ class ParticleEngine:
         """Take back the round :meth:`commit_round` added, if the problem has not moved past it."""
         if problem.committed is None:
             return
-        (size, problem.leaf, problem.finished, problem.capped, problem.num_tokens, problem.boxed,
-         problem.continuations, problem.answering, problem.pending) = problem.committed
+        size, problem.leaf, arrays = problem.committed
+        for name, array in arrays.items():
+            setattr(problem, name, array)
         del problem.tree[size:], problem.node_tokens[size:]
         problem.committed = None
 
@@ -543,7 +548,7 @@ class ParticleEngine:
         r.hidden[torch.from_numpy(rows)] = r.hidden[torch.from_numpy(rows[ancestors])]
         for node in problem.leaf[ancestors].tolist():
             problem.tree[node].num_children += 1
-        for name in ("leaf", "finished", "capped", "num_tokens", "boxed", "continuations", "answering", "pending"):
+        for name in ("leaf", *PARTICLE_STATE):
             setattr(problem, name, getattr(problem, name)[ancestors])
 
     # -- particle Gibbs ----------------------------------------------------------

@@ -89,10 +89,15 @@ class Scheduler:
             while self.waiting or self.running:
                 yield from self.iterate()
         except BaseException:
-            for manager, kept in zip(self.managers, before, strict=True):
-                for seq in set(manager.seq_ids().tolist()) - kept:
-                    manager.free(seq)
+            self.free_sequences(keep=before)
             raise
+
+    def free_sequences(self, keep: list[set] | None = None) -> None:
+        """Free every sequence of the pools but those in ``keep`` (one set per manager): what a failed
+        iteration left, whichever problem held it."""
+        for i, manager in enumerate(self.managers):
+            for seq in set(manager.seq_ids().tolist()) - (keep[i] if keep else set()):
+                manager.free(seq)
 
     def iterate(self) -> list[Problem]:
         """One iteration: admit, then one token for every writing particle; returns the problems

@@ -85,6 +85,20 @@ class StepRules:
     budget: BudgetForcing | None = None
 
 
+def path_to(tree: list[TreeNode], node: int) -> list[int]:
+    """Node ids from the first step down to ``node`` (empty for -1, the prompt)."""
+    nodes = []
+    while node >= 0:
+        nodes.append(node)
+        node = tree[node].parent
+    return nodes[::-1]
+
+
+# The per-particle arrays a Problem keeps between rounds: a round's rows start from them
+# (begin_round), commit them back, a rollback restores them and resampling gathers them.
+PARTICLE_STATE = ("finished", "capped", "num_tokens", "boxed", "continuations", "answering", "pending")
+
+
 @dataclass(eq=False)
 class Problem:
     """One problem's search. The arrays hold each particle (slot) as it was at the start of
@@ -115,7 +129,7 @@ class Problem:
     root_hidden: torch.Tensor | None = None  # hidden state of the prompt's last token
     num_writing: int = 0  # rows still writing this round's step
     forced: dict = field(default_factory=dict)  # particle Gibbs: slot -> (token ids, finishes) replayed this round
-    committed: tuple | None = None  # the state before the round being ended, until it is final
+    committed: tuple | None = None  # (tree size, leaves, PARTICLE_STATE arrays) before the round being ended
     extra: dict = field(default_factory=dict)  # the selection policy's own state
     tokens_generated: int = 0
     prm_tokens: int = 0
@@ -149,11 +163,7 @@ class Problem:
 
     def path(self, slot: int) -> list[int]:
         """Node ids of a particle's steps, first to newest."""
-        nodes, node = [], int(self.leaf[slot])
-        while node >= 0:
-            nodes.append(node)
-            node = self.tree[node].parent
-        return nodes[::-1]
+        return path_to(self.tree, int(self.leaf[slot]))
 
     def steps(self, slot: int) -> list[str]:
         return [self.tree[n].text for n in self.path(slot)]

@@ -182,14 +182,7 @@ def backtrack_records(result: Result, gold, config: SynthesisConfig) -> list[tup
 
 # -- helpers ---------------------------------------------------------------------------
 def _final_paths(result: Result) -> list[list[int]]:
-    paths = []
-    for leaf in result.leaves:
-        path, node = [], leaf
-        while node >= 0:
-            path.append(node)
-            node = result.tree[node].parent
-        paths.append(path[::-1])
-    return paths
+    return [result.path_of(particle) for particle in range(len(result.leaves))]
 
 
 def _answer(result: Result, path: list[int]) -> str | None:

@@ -170,9 +170,7 @@ class EngineLoop:
         taken over (a client told of the failure finds the server ready)."""
         failed = list(self._tickets.values())
         self._tickets.clear()
-        for manager in self.scheduler.managers:
-            for seq in manager.seq_ids().tolist():
-                manager.free(seq)
+        self.scheduler.free_sequences()
         self.scheduler = self._new_scheduler()
         self._count()
         for ticket in failed:
