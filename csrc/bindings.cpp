@@ -6,6 +6,7 @@
 
 #include "attention.h"
 #include "block_manager.h"
+#include "parallel.h"
 #include "resample.h"
 #include "sampling.h"
 
@@ -289,6 +290,20 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
       py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"), py::arg("num_threads"),
       "Decode attention over a paged float32 KV cache on the CPU (see pf_engine/attention/torch_backend.py); raw "
       "addresses of contiguous arrays.");
+  m.def(
+      "set_openmp",
+      [](std::uintptr_t parallel, std::uintptr_t thread_num, std::uintptr_t num_threads) {
+        if ((parallel == 0) != (thread_num == 0) || (parallel == 0) != (num_threads == 0)) {
+          throw py::value_error("set_openmp takes three entry points or none (all 0)");
+        }
+        pf_engine::openmp = {reinterpret_cast<void (*)(void (*)(void*), void*, unsigned, unsigned)>(parallel),
+                             reinterpret_cast<int (*)()>(thread_num), reinterpret_cast<int (*)()>(num_threads)};
+      },
+      py::kw_only(), py::arg("parallel"), py::arg("thread_num"), py::arg("num_threads"),
+      "Run the native CPU passes on an OpenMP runtime: the addresses of its GOMP_parallel, omp_get_thread_num and "
+      "omp_get_num_threads (see pf_engine/_native.py), or all 0 for threads of their own.");
+  m.def("uses_openmp", [] { return pf_engine::openmp.parallel != nullptr; },
+        "Whether the native CPU passes run on the OpenMP runtime set by set_openmp.");
   m.def("decode_attention_pass", &pf_engine::decode_attention_pass, py::kw_only(), py::arg("head_dim"),
         "The pass paged_decode_attention runs for head_dim on this CPU: \"avx512\" or \"portable\".");
   m.def(

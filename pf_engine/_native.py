@@ -5,11 +5,14 @@
 - ``HAS_TRITON`` / ``TRITON_INTERPRET``: Triton importable; kernels run under
   its CPU interpreter when ``TRITON_INTERPRET=1`` was set before import.
 - ``HAS_FLASHINFER``: flashinfer importable (every call of it needs CUDA).
+- ``NATIVE_THREADS``: where the native CPU passes (attention, draws) run their threads:
+  on torch's own OpenMP runtime where it can be found, else on threads of their own.
 - ``block_copy_impl`` / ``resample_impl`` / ``linear_impl``: which code copies KV
   blocks, runs the fused resampling step and the models' linear layers on a device. (The attention backend is chosen by
   ``pf_engine.attention.get_backend``, which asks this module.)
 """
 
+import ctypes
 import importlib.util
 import os
 import warnings
@@ -34,6 +37,41 @@ HAS_CUDA_EXT = _C_cuda is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+
+
+
+def _torch_openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's CPU ops run on, already loaded by torch, or None.
+
+    Found by the sonames of GNU, Intel and LLVM OpenMP with RTLD_NOLOAD, so nothing new is
+    loaded; all three export GOMP_parallel.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not hasattr(os, "RTLD_NOLOAD"):
+        return None
+    for soname in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            lib = ctypes.CDLL(soname, mode=os.RTLD_NOLOAD)
+        except OSError:
+            continue
+        if all(hasattr(lib, name) for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")):
+            return lib
+    return None
+
+
+def use_torch_openmp(enable: bool = True) -> bool:
+    """Runs the native CPU passes on torch's OpenMP threads (``enable``) or on threads of their own.
+
+    torch's OpenMP threads spin a while after each op waiting for more; threads of the passes'
+    own would share the cores with them. Returns whether the passes now run on OpenMP.
+    """
+    lib = _torch_openmp() if enable else None
+    address = (lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value) if lib else (lambda name: 0)
+    _C.set_openmp(parallel=address("GOMP_parallel"), thread_num=address("omp_get_thread_num"),
+                  num_threads=address("omp_get_num_threads"))
+    return _C.uses_openmp()
+
+
+NATIVE_THREADS = "torch's OpenMP threads" if use_torch_openmp() else "threads of their own"
 
 if torch.cuda.is_available() and not HAS_CUDA_EXT:
     warnings.warn(
@@ -73,9 +111,10 @@ def linear_impl(device: torch.device | str, dtype: torch.dtype) -> str:
 
 def kernels(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """The implementations above for ``device`` (and a model of ``dtype``), in words, for the self-check."""
-    return {"block copies": IMPL_NAMES[block_copy_impl(device)],
+    uses = {"block copies": IMPL_NAMES[block_copy_impl(device)],
             "resampling step": IMPL_NAMES[resample_impl(device)],
             "linear layers": IMPL_NAMES[linear_impl(device, dtype)]}
+    return uses | ({"native CPU threads": NATIVE_THREADS} if torch.device(device).type == "cpu" else {})
 
 
 def summary() -> dict:

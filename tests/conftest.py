@@ -17,3 +17,15 @@ def policy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policy")
     save_tiny_policy(folder)
     return folder
+
+
+@pytest.fixture(params=["torch's OpenMP threads", "threads of their own"])
+def native_threads(request):
+    """Runs the test with the native CPU passes on torch's OpenMP threads, then on threads of their own."""
+    from pf_engine import _native
+
+    on_openmp = _native.use_torch_openmp(request.param == "torch's OpenMP threads")
+    if request.param == "torch's OpenMP threads" and not on_openmp:
+        pytest.skip("torch's CPU ops do not run on an OpenMP runtime here (torch.__config__.parallel_info())")
+    yield request.param
+    _native.use_torch_openmp(_native.NATIVE_THREADS == "torch's OpenMP threads")

@@ -58,7 +58,8 @@ def test_decode_paths_equal_gathering_every_page(prompts, particles, rounds, blo
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", HEADS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_heads, head_dim, threads):
+def test_native_decode_on_every_head_shape_and_thread_count(num_q_heads, num_kv_heads, head_dim, threads,
+                                                           native_threads):
     gen = torch.Generator().manual_seed(head_dim + threads)
     cache = KVCache(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=128, block_size=5,
                     dtype=torch.float32)

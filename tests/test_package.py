@@ -49,12 +49,21 @@ def test_a_machine_without_cuda_reports_none():
 def test_what_runs_where(monkeypatch):
     onednn = "oneDNN, prepacked weights" if torch.backends.mkldnn.is_available() else "torch linear"
     assert _native.kernels("cpu") == {"block copies": "torch indexing", "resampling step": "native CPU pass",
-                                      "linear layers": onednn}
+                                      "linear layers": onednn, "native CPU threads": _native.NATIVE_THREADS}
     assert _native.kernels("cpu", torch.float16)["linear layers"] == "torch linear"
     for built, copies in ((True, "CUDA extension"), (False, "Triton kernel")):
         monkeypatch.setattr(_native, "HAS_CUDA_EXT", built)
         assert _native.kernels("cuda:0", torch.bfloat16) == {"block copies": copies, "resampling step": "Triton kernel",
                                                             "linear layers": "torch linear"}
+
+
+def test_native_passes_run_on_torchs_openmp_threads_where_torch_has_them():
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert _native.NATIVE_THREADS == ("torch's OpenMP threads" if openmp else "threads of their own")
+    assert _native._C.uses_openmp() == openmp
+    with pytest.raises(ValueError, match="three entry points or none"):
+        _native._C.set_openmp(parallel=1, thread_num=0, num_threads=0)
+    assert _native._C.uses_openmp() == openmp
 
 
 def test_selfcheck_names_what_it_uses_and_passes(capsys):

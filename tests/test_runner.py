@@ -345,7 +345,7 @@ INVERSE_CDF_SHAPES = [(1, 1), (3, 5), (9, 7), (13, 1000), (16, 49152)]
 
 @pytest.mark.parametrize("rows,vocab", INVERSE_CDF_SHAPES)
 @pytest.mark.parametrize("spread", [0.1, 3.0, 30.0])
-def test_native_inverse_cdf_equals_the_float64_running_sums(rows, vocab, spread):
+def test_native_inverse_cdf_equals_the_float64_running_sums(rows, vocab, spread, native_threads):
     gen = torch.Generator().manual_seed(rows * vocab)
     probs = (torch.randn(rows, vocab, generator=gen) * spread).softmax(-1)
     probs[rows // 2, ::3] = 0.0  # tokens without mass never drawn
