@@ -20,7 +20,7 @@ from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import SearchConfig, SelectionPolicy, policy_for
-from pf_engine.state import Problem, TreeNode, path_to
+from pf_engine.state import Problem, TreeNode, path_texts, path_to
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -59,7 +59,7 @@ class Result:
 
     def steps_of(self, particle: int) -> list[str]:
         """The texts of final particle ``particle``'s steps, first to last."""
-        return [self.tree[node].text for node in self.path_of(particle)]
+        return path_texts(self.tree, self.path_of(particle))
 
     def tree_records(self) -> list[dict]:
         """Every node's fields, and whether it is a final particle's newest step (``final``) and the

@@ -288,7 +288,7 @@ class ParticleEngine:
         for name in PARTICLE_STATE:
             getattr(r, name)[rows] = getattr(problem, name)
         r.writing[rows] = ~problem.finished
-        r.step_len[rows] = 0
+        r.step_len[rows] = r.stop_trim[rows] = 0
         r.delim[rows] = 0
         r.round[rows] = problem.round_(rules.max_steps)
         r.forcing[rows] = r.forced_prefix[rows] = False
@@ -445,13 +445,22 @@ class ParticleEngine:
         return Round(problems, steps)
 
     def _cut_at_stop(self, problem: Problem, slot: int, text: str) -> str:
-        """A step's text up to the first of the rules' stop strings in it (which finishes the particle)."""
-        cut = min((at for at in (text.find(stop) for stop in problem.rules.stop) if at >= 0), default=-1)
-        if cut < 0:
+        """A step's text up to the first of the rules' stop strings, which finishes the particle. A stop
+        string may begin in the particle's earlier steps (their last characters are searched too): the
+        step's text is then empty and ``rows.stop_trim`` says how much of the earlier text it cuts."""
+        tail = ""
+        node, want = int(problem.leaf[slot]), max(map(len, problem.rules.stop)) - 1
+        while node >= 0 and len(tail) < want:
+            tail, node = problem.tree[node].text + tail, problem.tree[node].parent
+        tail = tail[max(len(tail) - want, 0):] if want else ""
+        searched = tail + text
+        at = min((at for at in (searched.find(stop) for stop in problem.rules.stop) if at >= 0), default=-1)
+        if at < 0:
             return text
-        self.rows.finished[problem.rows[slot]] = True
-        self.rows.capped[problem.rows[slot]] = False
-        return text[:cut]
+        row = problem.rows[slot]
+        self.rows.finished[row], self.rows.capped[row] = True, False
+        self.rows.stop_trim[row] = max(len(tail) - at, 0)
+        return text[:max(at - len(tail), 0)]
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;
@@ -477,7 +486,8 @@ class ParticleEngine:
             node = TreeNode(node=len(problem.tree), problem=problem.index, parent=parent, depth=depth, text=text,
                             num_tokens=len(ids), finished=bool(r.finished[row]), iteration=problem.sweep,
                             reference=slot in problem.forced, forced=None if not r.forced_prefix[row]
-                            else "wait" if r.continuations[row] > problem.continuations[slot] else "end")
+                            else "wait" if r.continuations[row] > problem.continuations[slot] else "end",
+                            trim=int(r.stop_trim[row]))
             problem.tree.append(node)
             problem.node_tokens.append(ids)
             problem.leaf[slot] = node.node

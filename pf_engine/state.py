@@ -36,6 +36,7 @@ class TreeNode:
     iteration: int = 0  # particle Gibbs: the sweep that wrote it
     reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
     forced: str | None = None  # budget forcing: the phrase the step starts with, forced ("wait" or "end")
+    trim: int = 0  # a stop string ending in this step began this many characters before it: cut from the text
 
     def record(self) -> dict:
         return asdict(self)
@@ -92,6 +93,19 @@ def path_to(tree: list[TreeNode], node: int) -> list[int]:
         nodes.append(node)
         node = tree[node].parent
     return nodes[::-1]
+
+
+def path_texts(tree: list[TreeNode], nodes: list[int]) -> list[str]:
+    """The texts of a path's steps (``path_to``), with the start of a stop string that began before
+    the last step (its ``trim``) cut from the steps before it."""
+    texts = [tree[n].text for n in nodes]
+    trim = tree[nodes[-1]].trim if nodes else 0
+    for i in range(len(texts) - 2, -1, -1):
+        if trim <= 0:
+            break
+        cut = min(trim, len(texts[i]))
+        texts[i], trim = texts[i][:len(texts[i]) - cut], trim - cut
+    return texts
 
 
 # The per-particle arrays a Problem keeps between rounds: a round's rows start from them
@@ -166,7 +180,7 @@ class Problem:
         return path_to(self.tree, int(self.leaf[slot]))
 
     def steps(self, slot: int) -> list[str]:
-        return [self.tree[n].text for n in self.path(slot)]
+        return path_texts(self.tree, self.path(slot))
 
     def step_ids(self, slot: int) -> list[list[int]]:
         return [self.node_tokens[n] for n in self.path(slot)]
@@ -235,6 +249,7 @@ class Rows:
                             ("slot", np.int64), ("round", np.int64), ("problem", np.int64),
                             ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
                             ("forced_len", np.int64), ("rule", np.int64), ("continuations", np.int64),
+                            ("stop_trim", np.int64),
                             ("pending", np.int8)):
             extend(name, (), dtype)
         for name in ("placed", "writing", "finished", "capped", "forcing", "forced_finishes", "forced_prefix",

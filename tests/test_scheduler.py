@@ -3,6 +3,7 @@ results streamed as problems finish; and every pool as it was after any failure.
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,6 +303,31 @@ def test_stop_strings_end_a_particle_before_the_string(policy):
             else:
                 assert short == text
     assert any(stop in t for r in plain for t in r.particles)
+
+
+def test_a_stop_string_across_two_steps_is_cut_from_both(policy):
+    engine = engine_with(policy, POOLS["roomy"])
+    plain = engine.solve(QUESTIONS[:3], CONFIGS["best_of_n"])
+    # a two-character stop whose first occurrence in some particle begins at the end of a step
+    spans = {}
+    for r in plain:
+        for particle, text in enumerate(r.particles):
+            ends = np.cumsum([len(t) for t in r.steps_of(particle)])[:-1]
+            for end in ends.tolist():
+                pair = text[end - 1:end + 1]
+                if text.index(pair) == end - 1:
+                    spans[pair] = spans.get(pair, 0) + 1
+    assert spans, "no step boundary to put a stop string across"
+    stop = max(spans, key=spans.get)
+    cut = engine.solve(QUESTIONS[:3], SearchConfig(algorithm="best_of_n", stop=[stop], **SMALL))
+    for before, after in zip(plain, cut, strict=True):
+        for particle, (text, short) in enumerate(zip(before.particles, after.particles, strict=True)):
+            assert short == (text[:text.index(stop)] if stop in text else text)
+            assert "".join(after.steps_of(particle)) == short
+            if stop in text:
+                assert after.finish_reasons[particle] == "stop"
+    trimmed = [node for r in cut for node in r.tree if node.trim]
+    assert trimmed and all(node.trim == 1 and node.text == "" and node.finished for node in trimmed)
 
 
 def test_prompts_as_raw_text_or_a_conversation(policy):

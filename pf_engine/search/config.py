@@ -48,8 +48,11 @@ class SearchConfig:
     weigh in are left out. The answer comes from the last sweep.
 
     ``stop``: strings that end a particle where its text first holds one (OpenAI's ``stop``).
-    They are looked for in each step's text when the step ends, and the text is
-    cut before the string; the tokens after it in that step are drawn and dropped.
+    They are looked for in each step's text when the step ends, together with the end
+    of the particle's earlier steps (a string may span two steps), and the text is cut
+    before the string; the tokens after it in that step are drawn and dropped. The tree
+    keeps earlier steps whole: the node where the string ends says in ``trim`` how many
+    of their characters ``Result.text`` and ``Result.steps_of`` leave out.
 
     ``budget_forcing`` (pf_engine.state.BudgetForcing, or a dict of its fields) makes thinking
     particles go on past an early end with a wait phrase, and end at a budget, for every
