@@ -367,16 +367,33 @@ def test_native_inverse_cdf_equals_the_float64_running_sums(rows, vocab, spread,
 def test_linear_layers_run_packed_where_onednn_does(checkpoint, dtype):
     model, _ = load_model(checkpoint[1], dtype=dtype)
     runner = ModelRunner(model, num_blocks=8)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert runner.linear_impl == _native.linear_impl("cpu", dtype)
     onednn = runner.linear_impl == "onednn"
     assert onednn == (dtype != torch.float16 and torch.backends.mkldnn.is_available())
-    assert all((m.packed is not None) == onednn for m in linears), "every linear layer packed, or none"
+    # q/k/v and gate/up run as one packed GEMM each; every other linear layer packed on its own
+    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+    grouped = {}
+    for module in model.modules():
+        for name, parts in groups.items():
+            if all(hasattr(module, part) for part in parts):  # (Phi-3's checkpoints fuse them already)
+                group = getattr(module, name)
+                assert (group is not None) == onednn, "q/k/v and gate/up grouped where oneDNN runs"
+                if group is not None:
+                    grouped[group] = [getattr(module, part) for part in parts]
+    expected = sum(all(hasattr(m, part) for part in parts) for m in model.modules() for parts in groups.values())
+    assert len(grouped) == (expected if onednn else 0)
+    members = {id(m) for parts in grouped.values() for m in parts}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all((m.packed is not None) == (onednn and id(m) not in members) for m in linears)
     gen = torch.Generator().manual_seed(0)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
     for m in linears:
         x = torch.randn(7, m.in_features, generator=gen).to(dtype)
         torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), **tolerance)
+    for group, parts in grouped.items():
+        x = torch.randn(7, parts[0].in_features, generator=gen).to(dtype)
+        for out, m in zip(group(x), parts, strict=True):
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, m.weight, m.bias), **tolerance)
 
 
 def test_bfloat16_stays_within_twice_transformers_own_bfloat16_error(checkpoint):

@@ -30,9 +30,38 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class PackedGroup:
+    """Packed :class:`Linear` layers that read the same input, run as one GEMM over their weights
+    packed side by side, the output split back: at decode batch sizes one wider GEMM beats
+    several narrow ones (q/k/v and gate/up of SmolLM2's layers, 37 rows: 1.2x). Their own
+    packed copies are dropped."""
+
+    def __init__(self, linears: list[Linear]):
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in linears]))
+            biased = any(m.bias is not None for m in linears)
+            self.bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                   for m in linears]) if biased else None
+        self.sizes = [m.out_features for m in linears]
+        for m in linears:
+            m.packed = None
+
+    @staticmethod
+    def of(linears: list[Linear]) -> "PackedGroup | None":
+        """The group of ``linears`` where every one of them is packed, else None."""
+        return PackedGroup(linears) if all(m.packed is not None for m in linears) else None
+
+    def runs(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == self.packed.dtype
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "").split(self.sizes, dim=-1)
+
+
 def pack_linears(model: nn.Module) -> str:
-    """Pack every :class:`Linear` of ``model`` where :func:`linear_impl` says oneDNN runs them;
-    returns that implementation's name."""
+    """Pack every :class:`Linear` of ``model`` where :func:`linear_impl` says oneDNN runs them, then
+    let modules with a ``group_packed`` method join theirs into a :class:`PackedGroup`; returns the
+    implementation's name."""
     param = next(model.parameters())
     impl = linear_impl(param.device, param.dtype)
     for module in model.modules():
@@ -41,4 +70,7 @@ def pack_linears(model: nn.Module) -> str:
                 module.pack()
             else:
                 module.packed = None
+    for module in model.modules():
+        if hasattr(module, "group_packed"):
+            module.group_packed()
     return impl

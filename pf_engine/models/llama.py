@@ -9,7 +9,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pf_engine.attention import AttentionMetadata
-from pf_engine.models.linear import Linear
+from pf_engine.models.linear import Linear, PackedGroup
 
 # Rope types whose frequencies change with the sequence length at run time.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -90,12 +90,20 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
 
+    qkv: PackedGroup | None = None
+
+    def group_packed(self) -> None:
+        self.qkv = PackedGroup.of([self.q_proj, self.k_proj, self.v_proj])
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [n, heads, head_dim], k and v [n, kv_heads, head_dim], before the rotation."""
         n = x.shape[0]
-        return (self.q_proj(x).view(n, self.num_heads, self.head_dim),
-                self.k_proj(x).view(n, self.num_kv_heads, self.head_dim),
-                self.v_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        if self.qkv is not None and self.qkv.runs(x):
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+                v.view(n, self.num_kv_heads, self.head_dim))
 
     def forward(self, x, cos, sin, plan, kv_layer):
         q, k, v = self.project(x)
@@ -112,8 +120,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
 
+    gate_up: PackedGroup | None = None
+
+    def group_packed(self) -> None:
+        self.gate_up = PackedGroup.of([self.gate_proj, self.up_proj])
+
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None and self.gate_up.runs(x) else (self.gate_proj(x),
+                                                                                              self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

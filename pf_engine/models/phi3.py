@@ -20,6 +20,9 @@ class Phi3Attention(Attention):
         self.qkv_proj = Linear(config.hidden_size, sum(self.sizes), bias=qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
 
+    def group_packed(self) -> None:  # the checkpoint's q/k/v are one weight already
+        pass
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
