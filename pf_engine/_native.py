@@ -39,7 +39,6 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 
 
-
 def _torch_openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime torch's CPU ops run on, already loaded by torch, or None.
 

@@ -7,11 +7,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
+def _temporary_beside(path: Path) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
 def replace_atomically(path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -22,12 +27,7 @@ def replace_atomically(path, write: Callable[[str], None]) -> None:
 
 def write_atomically(path, lines: Iterable[str]) -> None:
     """Every line of ``lines``, or nothing."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            for line in lines:
-                f.write(line + "\n")
-
-    replace_atomically(path, write)
+    write_all_atomically({path: lines})
 
 
 def write_all_atomically(files: dict) -> None:
@@ -37,9 +37,8 @@ def write_all_atomically(files: dict) -> None:
     try:
         for path, lines in files.items():
             path = Path(path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-            done.append((tmp, path))
-            with os.fdopen(fd, "w") as f:
+            done.append((_temporary_beside(path), path))
+            with open(done[-1][0], "w") as f:
                 for line in lines:
                     f.write(line + "\n")
         for tmp, path in done:

@@ -21,13 +21,26 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         """Prepack the weight for oneDNN; a later change to the weight needs another ``pack``."""
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        self.packed = _pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu" and x.dtype == self.packed.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if _runs_packed(x, self.packed):
+            return _packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def _runs_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether oneDNN's GEMM over ``packed`` takes ``x`` (on the CPU, of the packed dtype)."""
+    return packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class PackedGroup:
@@ -37,8 +50,8 @@ class PackedGroup:
     packed copies are dropped."""
 
     def __init__(self, linears: list[Linear]):
+        self.packed = _pack(torch.cat([m.weight for m in linears]))
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in linears]))
             biased = any(m.bias is not None for m in linears)
             self.bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                                    for m in linears]) if biased else None
@@ -52,10 +65,10 @@ class PackedGroup:
         return PackedGroup(linears) if all(m.packed is not None for m in linears) else None
 
     def runs(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype == self.packed.dtype
+        return _runs_packed(x, self.packed)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "").split(self.sizes, dim=-1)
+        return _packed_linear(x, self.packed, self.bias).split(self.sizes, dim=-1)
 
 
 def pack_linears(model: nn.Module) -> str:
