@@ -26,6 +26,7 @@ def native_threads(request):
 
     on_openmp = _native.use_torch_openmp(request.param == "torch's OpenMP threads")
     if request.param == "torch's OpenMP threads" and not on_openmp:
-        pytest.skip("torch's CPU ops do not run on an OpenMP runtime here (torch.__config__.parallel_info())")
+        pytest.skip("this torch runs its CPU ops without OpenMP (torch.__config__.parallel_info()), so the passes "
+                    "have only threads of their own; a torch with OpenMP (PyPI's Linux wheels) runs this variant")
     yield request.param
     _native.use_torch_openmp(_native.NATIVE_THREADS == "torch's OpenMP threads")

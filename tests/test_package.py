@@ -38,7 +38,8 @@ def test_import_is_light_and_the_native_module_works(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or ctypes.util.find_library("cuda") is not None
-                    or os.path.exists("/dev/nvidiactl"), reason="checks a machine without a CUDA driver")
+                    or os.path.exists("/dev/nvidiactl"),
+                    reason="checks what a machine without a CUDA driver reports: runs there (CI's machines)")
 def test_a_machine_without_cuda_reports_none():
     summary = _native.summary()
     assert summary["native block manager"] is True

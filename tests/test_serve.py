@@ -184,7 +184,7 @@ def test_the_server_listens_on_loopback_only(server):
     port = int(server.rsplit(":", 1)[1])
     table = Path("/proc/net/tcp")
     if not table.exists():
-        pytest.skip("no /proc/net/tcp (not Linux) to read the bound address from")
+        pytest.skip("no /proc/net/tcp to read the bound address from: this check runs on Linux")
     listening = [line.split()[1] for line in table.read_text().splitlines()[1:]
                  if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
     assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1, little-endian hex
