@@ -11,6 +11,7 @@ import torch
 from pf_engine.answers import extract_answer, weighted_vote
 from pf_engine.engine import PEAK_STATS, ParticleEngine, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
+from pf_engine.files import fingerprint, write_atomically
 from pf_engine.models import load_model
 from pf_engine.models.llama import head_dim
 from pf_engine.philox import MAX_PROBLEMS
@@ -32,9 +33,12 @@ class Result:
     ``stats``: the problem's own counts (its prompt's and its PRM prompt's tokens, tokens
     generated, of which discarded when a preemption made it redo a round, PRM tokens
     prefilled, policy tokens prefilled for ancestor sampling and for rebuilding after
-    preemptions, and preemptions) and the call's peak KV blocks so far of the policy and of a
+    preemptions, and preemptions) and the peak KV blocks so far of the policy and of a
     model PRM, each beside the peak its particles would hold with no block shared
-    (``peak_unshared_*``).
+    (``peak_unshared_*``). The peaks are the pools', over every problem in them: from
+    :meth:`Engine.solve` / :meth:`Engine.stream`, the call's so far; in ``pf-engine serve``,
+    whose one scheduler serves every request, the server's since start-up (/metrics shows
+    them; a response's usage holds only its request's own counts).
     """
 
     question: str
@@ -77,10 +81,8 @@ class Result:
                   title=self.question if len(self.question) <= 80 else self.question[:77] + "...")
 
     def write_tree(self, path: str | Path) -> None:
-        """The search tree as JSONL, one step per line."""
-        with open(path, "w") as f:
-            for record in self.tree_records():
-                f.write(json.dumps(record) + "\n")
+        """The search tree as JSONL, one step per line, written whole or not at all."""
+        write_atomically(path, (json.dumps(record) for record in self.tree_records()))
 
 
 def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -190,6 +192,11 @@ class Engine:
         elif prm is not None:
             prm_engine = RulePRM(prm)
         self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer, fmt)
+        # what the results depend on besides the search config (pf_engine.evaluate keys its cache by it)
+        self.identity = {"policy": fingerprint(policy), "prm": fingerprint(prm), "orm": fingerprint(orm),
+                         "prm_format": None if fmt is None else asdict(fmt),
+                         "prm_tokens": [prm_good, prm_bad], "device": device.type,
+                         "dtype": str(next(policy_model.parameters()).dtype), "backend": self.policy.backend.name}
         self.orm = None
         if orm_model is not None:
             self.orm = OutcomeRM(ModelRunner(orm_model, num_blocks, block_size, backend),
@@ -270,7 +277,7 @@ class Engine:
         return problem
 
     def _stream(self, states: list[Problem]) -> Iterator[tuple[int, "Result"]]:
-        self.core.stats |= dict.fromkeys(PEAK_STATS, 0)  # peaks are per call
+        self.core.stats |= dict.fromkeys(PEAK_STATS, 0)  # a call's results carry the call's peaks
         scheduler = Scheduler(self.core, self.bytes_per_block, states)
         for problem in scheduler.run():
             yield problem.index, self.result(problem)

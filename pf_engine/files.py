@@ -1,6 +1,9 @@
 """Output files written whole or not at all: a temporary file beside the target, renamed over it
-once complete (a rename within a folder is atomic), removed if anything fails."""
+once complete (a rename within a folder is atomic), removed if anything fails; and the fingerprints
+that key caches of results by the models that made them."""
 
+import hashlib
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -47,3 +50,24 @@ def write_all_atomically(files: dict) -> None:
         for tmp, _ in done:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def fingerprint(source) -> dict | str | None:
+    """What identifies a model or a verifier, for caches of its results: a checkpoint folder by its
+    resolved path and each file's name, size and modification time (a rewritten weight file changes
+    it; reading the weights would cost as much as loading them); a callable by its qualified name
+    and a hash of its source where Python has it; anything else by its type's name."""
+    if source is None:
+        return None
+    if isinstance(source, (str, Path)):
+        folder = Path(source).resolve()
+        listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in folder.rglob("*") if p.is_file())
+        return {"path": str(folder), "files": hashlib.sha256(repr(listing).encode()).hexdigest()[:16]}
+    if callable(source) and hasattr(source, "__qualname__"):
+        try:
+            code = hashlib.sha256(inspect.getsource(source).encode()).hexdigest()[:16]
+        except (OSError, TypeError):
+            code = None
+        return {"callable": f"{source.__module__}:{source.__qualname__}", "source": code}
+    return type(source).__qualname__
