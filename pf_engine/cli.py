@@ -1,4 +1,5 @@
-"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``eval``, ``serve``, ``tree`` and ``selfcheck``.
+"""The ``pf-engine`` command: ``demo`` (the main job), ``solve``, ``eval``, ``synthesize``, ``serve``, ``tree``
+and ``selfcheck``.
 
 Whatever the user can fix (a bad option or path, a cache too small, any
 ``PfEngineError``) ends the command with one line on stderr that names the flag
@@ -19,13 +20,26 @@ from pf_engine.files import write_atomically
 from pf_engine.prm_format import PRESETS
 from pf_engine.prompts import PROMPT_PRESETS
 
-SEARCH_OPTIONS = ("algorithm", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "temperature",
-                  "seed", "final_answer", "scheme", "aggregation", "iterations", "ancestor_sampling", "system_prompt")
-# The API's errors name its parameters; the command's name the flags that set them.
-FLAGS = {name: "--" + name.replace("_", "-") for name in SEARCH_OPTIONS} | {
-    "num_particles": "--particles", "kv_cache_memory": "--kv-cache-mib", "prm_format": "--prm-format"}
-# a parameter name as a word of its own, not inside a path or a longer name
-API_NAME = re.compile(r"(?<![\w/.-])(" + "|".join(FLAGS) + r")(?![\w/.-])")
+# Every SearchConfig field is a flag of solve, eval, serve and synthesize (add_search_flags), named
+# after the field but for these; the API's errors name its parameters, the command's the flags.
+FIELD_FLAGS = {"num_particles": "--particles"}
+FLAGS = {"kv_cache_memory": "--kv-cache-mib", "prm_format": "--prm-format", "fresh": "--fresh"}
+ESCAPED_FIELDS = ("step_delimiter", "stop")  # read with backslash escapes: --step-delimiter '\n\n'
+
+
+def field_flag(name: str) -> str:
+    """The flag that sets SearchConfig field ``name``."""
+    return FIELD_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def search_field_names() -> tuple[str, ...]:
+    from dataclasses import fields
+
+    from pf_engine.search.config import SearchConfig
+
+    return tuple(f.name for f in fields(SearchConfig))
+
+
 DEMO_INSTRUCTION = ("Solve the problem step by step. Put each step on its own line, leave a blank line between "
                     "steps, and write every calculation as an equation like 3 + 4 = 7. "
                     "End with: The answer is \\boxed{{N}}.\n\nProblem: {problem}")
@@ -166,20 +180,94 @@ def search_config(args, **fixed):
         if args.system_prompt is not None:
             raise ValueError("--prompt-preset and --system-prompt both set the system prompt: pass one")
         args.system_prompt = PROMPT_PRESETS[args.prompt_preset]
-    return SearchConfig(**{k: getattr(args, k) for k in SEARCH_OPTIONS if k not in fixed} | fixed)
+    given = {name: getattr(args, name) for name in search_field_names() if hasattr(args, name)}
+    given["stop"] = tuple(given.get("stop") or ())
+    return SearchConfig(**given | fixed)
+
+
+def unescape(text: str) -> str:
+    r"""``text`` with the backslash escapes \n, \t, \r and \\ read as the characters they name."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def add_search_flags(parser, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every SearchConfig field but ``skip``, its help the field's docstring, its default the
+    field's or ``defaults``'."""
+    import types
+    import typing
+    from dataclasses import fields
+
+    from pf_engine.resample import AGGREGATIONS, SCHEMES
+    from pf_engine.search.config import ALGORITHMS, FINAL_ANSWERS, SearchConfig, field_docs
+
+    choices = {"algorithm": ALGORITHMS, "final_answer": FINAL_ANSWERS, "aggregation": AGGREGATIONS,
+               "scheme": SCHEMES}
+    docs, defaults = field_docs(SearchConfig), defaults or {}
+    group = parser.add_argument_group("search", "the fields of pf_engine.SearchConfig")
+    for f in fields(SearchConfig):
+        if f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default)
+        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+        kind = next(typing.get_origin(a) or a for a in kinds if a is not type(None))
+        escapes = " (backslash escapes \\n, \\t, \\r, \\\\ read as such)" if f.name in ESCAPED_FIELDS else ""
+        options = dict(dest=f.name, default=default, choices=choices.get(f.name),
+                       help=f"{docs[f.name]}{escapes} (default: {default!r})".replace("%", "%%"))
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            options |= dict(action="append", default=None, type=unescape, metavar="TEXT",
+                            help=options["help"].replace("(default: ()", "(repeat for more; default: none"))
+        elif kind in (int, float, str):
+            options["type"] = unescape if f.name in ESCAPED_FIELDS else kind
+        else:  # a nested config: its fields as a JSON object
+            options |= dict(type=json_object, metavar="JSON")
+        group.add_argument(field_flag(f.name), **options)
+
+
+def load_verifier(spec: str):
+    """The step verifier ``--verifier`` names: ``arithmetic`` (pf_engine.verifiers), or ``MODULE:FUNCTION``,
+    a callable ``f(question, steps) -> reward in [0, 1]`` importable from the command's Python path."""
+    import importlib
+
+    from pf_engine.verifiers import arithmetic_verifier
+
+    if spec == "arithmetic":
+        return arithmetic_verifier
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        raise ValueError(f"--verifier {spec}: arithmetic, or MODULE:FUNCTION for a verifier of your own")
+    try:
+        verifier = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ValueError(f"--verifier {spec}: cannot import {module} ({exc})") from None
+    except AttributeError:
+        raise ValueError(f"--verifier {spec}: {module} has no {name}") from None
+    if not callable(verifier):
+        raise ValueError(f"--verifier {spec}: {name} is not callable")
+    return verifier
 
 
 def load_engine(args):
     """The Engine the flags name, after checking its folders."""
     from pf_engine.api import Engine
-    from pf_engine.verifiers import arithmetic_verifier
 
     for flag, folder in (("--policy", args.policy), ("--prm", args.prm), ("--orm", args.orm)):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder}: no such folder")
     if args.prm_format is not None and args.prm is None:
         raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
-    prm = arithmetic_verifier if args.verifier == "arithmetic" else args.prm
+    prm = load_verifier(args.verifier) if args.verifier is not None else args.prm
     return Engine(policy=args.policy, prm=prm, device=check_device(args.device),
                   kv_cache_memory=args.kv_cache_mib << 20, prm_format=args.prm_format, orm=args.orm)
 
@@ -203,14 +291,18 @@ def evaluate_command(args) -> int:
     out_dir.mkdir(exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=not sys.stdout.isatty()) as bar:
-        tasks = {}
+        tasks, starts = {}, {}  # what each pair's cache held when it started
 
         def progress(label, done, total):
             if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
+                tasks[label], starts[label] = bar.add_task(label, total=total), done
             bar.update(tasks[label], completed=done)
 
-        rows = evaluate(engine, problems, args.algorithms, args.budgets, out_dir, base, progress)
+        rows = evaluate(engine, problems, args.algorithms, args.budgets, out_dir, base, progress, fresh=args.fresh)
+    cached = sum(starts.values())
+    print(f"started {out_dir} afresh" if args.fresh else
+          f"{cached} of {len(problems) * len(rows)} results came from {out_dir}'s cache (same settings)" if cached
+          else f"no cached results in {out_dir} for these settings: all computed")
     table = Table(title=f"pf-engine eval: {len(problems)} problems")
     for column in ("algorithm", "N", "accuracy", "tokens per problem"):
         table.add_column(column, justify="right")
@@ -362,7 +454,10 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     else:
-        message = API_NAME.sub(lambda m: FLAGS[m.group(1)], str(exc))
+        flags = FLAGS | {name: field_flag(name) for name in search_field_names()}
+        # a parameter name as a word of its own, not inside a path or a longer name
+        api_name = re.compile(r"(?<![\w/.-])(" + "|".join(flags) + r")(?![\w/.-])")
+        message = api_name.sub(lambda m: flags[m.group(1)], str(exc))
     return " ".join(message.split())
 
 
@@ -428,7 +523,7 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
     parser = Parser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("selfcheck", help="say what this install runs, and check the block manager and KV cache")
@@ -449,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     group = shared.add_mutually_exclusive_group()
     group.add_argument("--prm", default=None, help="PRM checkpoint folder: a class-head or value-head PRM, or a "
                        "language model read as a token-pair PRM with --prm-format")
-    group.add_argument("--verifier", choices=["arithmetic"], help="a rule-based step verifier instead of a PRM")
+    group.add_argument("--verifier", metavar="arithmetic|MODULE:FUNCTION",
+                       help="a rule-based step verifier instead of a PRM: arithmetic (checks each step's a op b = c "
+                       "claims), or your own f(question, steps) -> reward in [0, 1] importable as MODULE:FUNCTION")
     shared.add_argument("--prm-format", choices=sorted(PRESETS), help="how --prm is shown the steps (its model "
                         "card's format); default: its chat prompt, each step followed by <extra_0> (class head)")
     shared.add_argument("--orm", default=None, help="outcome reward model checkpoint folder (sequence "
@@ -457,19 +554,6 @@ def main(argv: list[str] | None = None) -> int:
                         "--final-answer outcome")
     shared.add_argument("--device", default="cpu")
     shared.add_argument("--kv-cache-mib", type=positive_int, default=1024)
-    shared.add_argument("--max-steps", type=int, default=32)
-    shared.add_argument("--max-step-tokens", type=int, default=256)
-    shared.add_argument("--max-new-tokens", type=int, default=1024)
-    shared.add_argument("--temperature", type=float, default=0.8)
-    shared.add_argument("--seed", type=int, default=0)
-    shared.add_argument("--final-answer", default="best")
-    shared.add_argument("--scheme", default="systematic")
-    shared.add_argument("--aggregation", default="last")
-    shared.add_argument("--iterations", type=int, default=4, help="particle_gibbs: sweeps")
-    shared.add_argument("--ancestor-sampling", action="store_true",
-                        help="particle_gibbs: redraw the reference's ancestor")
-    shared.add_argument("--system-prompt", default=None,
-                        help="a system turn before each problem in the policy's prompt")
     shared.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
                         help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
 
@@ -478,23 +562,23 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("solve", parents=[problems, shared], help="solve a JSONL file of problems")
     s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
-    s.add_argument("--algorithm", default="particle_filter")
-    s.add_argument("--particles", dest="num_particles", type=int, default=8)
+    add_search_flags(s)
 
     e = sub.add_parser("eval", parents=[problems, shared],
                        help="accuracy against N for each algorithm (a scaling curve)")
-    e.add_argument("--out-dir", required=True, help="results.json, results.png and the per-problem cache; a rerun "
-                   "resumes from the cache")
+    e.add_argument("--out-dir", required=True, help="results.json, results.png, settings.json and the per-problem "
+                   "cache; a rerun with the same settings resumes from the cache")
     e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
     e.add_argument("--budgets", nargs="+", type=positive_int, default=[1, 2, 4, 8], help="particles (N)")
+    e.add_argument("--fresh", action="store_true", help="discard what --out-dir holds and start it over (a rerun "
+                   "whose settings differ from the folder's is refused without it)")
+    add_search_flags(e, skip=("algorithm", "num_particles"))
 
     y = sub.add_parser("synthesize", parents=[problems, shared], help="reasoning data from search: D-verified, "
                        "D-stitch, D-backtrack, D-but-wait as chat JSONL for SFT")
     y.add_argument("--out-dir", required=True, help="one <dataset>.jsonl each, written whole or not at all")
     y.add_argument("--datasets", nargs="+", default=["verified", "stitch", "backtrack", "but-wait"],
                    help="verified, stitch, backtrack, but-wait")
-    y.add_argument("--particles", dest="num_particles", type=int, default=16,
-                   help="particles of the particle filter, and independent samples for verified and stitch")
     y.add_argument("--markers", default="think", help="thought markers: think (<think>...</think>), thought "
                    "(<|thought|>...<|/thought|>) or OPEN,CLOSE")
     y.add_argument("--transition", default=None, help="the phrase after a wrong attempt or a dead branch "
@@ -505,12 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--no-dedup", action="store_true", help="keep records whose texts repeat within a problem")
     y.add_argument("--wait-phrase", default=" But wait,", help="but-wait: the phrase a particle's early end becomes")
     y.add_argument("--waits", type=positive_int, default=1, help="but-wait: wait phrases per record")
-    y.add_argument("--algorithm", default="particle_filter", help=argparse.SUPPRESS)
+    add_search_flags(y, defaults={"num_particles": 16}, skip=("algorithm",))  # each dataset's recipe picks it
 
     v = sub.add_parser("serve", parents=[shared], help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
                        "/v1/completions); the search flags are each request's defaults")
-    v.add_argument("--algorithm", default="particle_filter")
-    v.add_argument("--particles", dest="num_particles", type=int, default=8)
+    add_search_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=os.environ.get("PF_ENGINE_API_KEY"),
@@ -533,8 +616,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--problem", type=int, default=0, help="its index in the problems file (default 0)")
     t.add_argument("--out", required=True, help="the picture (PNG, SVG or PDF)")
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad option (already reported)
         return exc.code
     try:

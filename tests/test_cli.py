@@ -6,11 +6,13 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import VARYING_VERIFIER, assert_resampled, varying_reward
 
-from pf_engine.cli import load_problems, main
+from pf_engine.cli import build_parser, field_flag, load_problems, main, search_config
 from pf_engine.verifiers import arithmetic_claims, arithmetic_verifier
 from tiny import save_tiny_policy
 
@@ -24,11 +26,18 @@ WIDE_BYTES_PER_BLOCK = 2 * 2 * 2 * 1536 * 4 * 16
 BAD_OPTIONS = [
     (["--particles", "0"], r"--particles must be an int in \[1, \d+\], got 0"),
     (["--particles", "x"], r"argument --particles: invalid int value: 'x'"),
-    (["--algorithm", "mcts"], r"unknown --algorithm 'mcts'; choose one of particle_filter"),
-    (["--scheme", "bogus"], r"unknown --scheme 'bogus'"),
+    (["--algorithm", "mcts"], r"argument --algorithm: invalid choice: 'mcts' \(choose from 'particle_filter'"),
+    (["--scheme", "bogus"], r"argument --scheme: invalid choice: 'bogus'"),
     (["--max-new-tokens", "0"], r"--max-new-tokens must be >= 1, got 0"),
     (["--kv-cache-mib", "0"], r"argument --kv-cache-mib: must be a whole number >= 1, got '0'"),
-    (["--verifier", "none"], r"argument --verifier: invalid choice: 'none'"),
+    (["--verifier", "none"], r"--verifier none: arithmetic, or MODULE:FUNCTION for a verifier of your own"),
+    (["--verifier", "no_such_module:f"], r"--verifier no_such_module:f: cannot import no_such_module"),
+    (["--verifier", "conftest:nothing"], r"--verifier conftest:nothing: conftest has no nothing"),
+    (["--verifier", "conftest:VARYING_VERIFIER"], r"--verifier conftest:VARYING_VERIFIER: VARYING_VERIFIER is not "
+                                                  r"callable"),
+    (["--budget-forcing", "[1]"], r"argument --budget-forcing: must be a JSON object, got '\[1\]'"),
+    (["--budget-forcing", '{"min_tokens": -1}'], r"budget_forcing.min_tokens must be an int >= 0, got -1"),
+    (["--aggregation", "max"], r"argument --aggregation: invalid choice: 'max'"),
     (["--device", "gpu"], r"--device gpu: not a device"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
     (["--prompt-preset", "qwen2.5-math", "--system-prompt", "Be brief."],
@@ -267,3 +276,72 @@ def test_solve_runs_each_policy_family(tmp_path, family, settings):
     assert main(solve_args(tmp_path / "policy", problems, out, "--verifier", "arithmetic", *ARGS)) == 0
     record = json.loads(out.read_text())
     assert record["problem"] == "2+2?" and len(record["weights"]) == 3 and record["stats"]["tokens_generated"] > 0
+
+
+# a value other than the default for every SearchConfig field, as flags give it and as the config holds it
+FIELD_VALUES = {
+    "algorithm": (["beam_search"], "beam_search"), "num_particles": (["12"], 12), "max_steps": (["7"], 7),
+    "max_step_tokens": (["9"], 9), "max_new_tokens": (["33"], 33), "step_delimiter": (["\\n"], "\n"),
+    "stop_at_boxed": ([], False), "temperature": (["1.25"], 1.25), "top_p": (["0.5"], 0.5), "top_k": (["3"], 3),
+    "aggregation": (["product"], "product"), "scheme": (["residual"], "residual"),
+    "weight_temperature": (["0.5"], 0.5), "ess_threshold": (["0.4"], 0.4), "final_answer": (["vote"], "vote"),
+    "beam_width": (["2"], 2), "iterations": (["3"], 3), "ancestor_sampling": ([], True), "seed": (["41"], 41),
+    "system_prompt": (["Be brief."], "Be brief."), "stop": (["##", "--stop", "\\t!"], ("##", "\t!")),
+    "budget_forcing": (['{"min_tokens": 5}'], {"min_tokens": 5}),
+}
+SUBCOMMANDS = {  # subcommand: its other required flags, and the fields it sets through flags of its own
+    "solve": (["--problems", "p", "--out", "o"], ()),
+    "eval": (["--problems", "p", "--out-dir", "o"], ("algorithm", "num_particles")),  # --algorithms, --budgets
+    "serve": ([], ()),
+    "synthesize": (["--problems", "p", "--out-dir", "o"], ("algorithm",)),  # each dataset's recipe picks it
+}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_search_field_has_a_flag_with_its_docstring(command):
+    from dataclasses import fields
+
+    from pf_engine.search.config import SearchConfig, field_docs
+
+    names = [f.name for f in fields(SearchConfig)]
+    assert set(FIELD_VALUES) == set(names), "a SearchConfig field without a value to try here"
+    docs = field_docs(SearchConfig)
+    assert set(docs) == set(names) and all(docs.values()), "a SearchConfig field without a docstring"
+    required, own = SUBCOMMANDS[command]
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    helps = {flag: a.help for a in sub._actions for flag in a.option_strings}
+    defaults = search_config(build_parser().parse_args([command, *required]))
+    assert defaults == SearchConfig(**({"num_particles": 16} if command == "synthesize" else {}))
+    for name in names:
+        if name in own:
+            assert field_flag(name) not in helps
+            continue
+        assert helps[field_flag(name)].startswith(docs[name]), name
+        given, expected = FIELD_VALUES[name]
+        flag = field_flag(name) if expected is not False else "--no-" + field_flag(name)[2:]
+        config = search_config(build_parser().parse_args([command, *required, flag, *given]))
+        if name == "budget_forcing":
+            expected = SearchConfig(budget_forcing=expected).budget_forcing
+        assert config == replace(defaults, **{name: expected}), name
+
+
+def test_solve_equals_the_api_under_a_varying_prm(policy, tmp_path):
+    problems = [{"problem": "2+2?", "answer": "4"}, {"question": "3+4?"}, {"problem": "Is 9 odd?"}]
+    path = write_jsonl(tmp_path / "p.jsonl", problems)
+    out, tree = tmp_path / "out.jsonl", tmp_path / "tree.jsonl"
+    flags = ["--particles", "4", "--max-steps", "4", "--max-step-tokens", "5", "--max-new-tokens", "16",
+             "--kv-cache-mib", "8", "--seed", "3", "--aggregation", "min", "--final-answer", "vote"]
+    assert main(solve_args(policy, path, out, "--verifier", VARYING_VERIFIER, "--tree", str(tree), *flags)) == 0
+    from pf_engine.api import Engine
+    from pf_engine.search import SearchConfig
+
+    config = SearchConfig(num_particles=4, max_steps=4, max_step_tokens=5, max_new_tokens=16, seed=3,
+                          aggregation="min", final_answer="vote")
+    expected = Engine(policy=policy, prm=varying_reward, kv_cache_memory=8 << 20).solve(problems, config)
+    assert_resampled(expected)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["text"], r["answer"], r["weights"], r["steps"]) for r in records] == [
+        (r.text, r.answer, r.weights, r.steps) for r in expected]
+    assert len({tuple(r["weights"]) for r in records} | {0.25}) > 1
+    nodes = [json.loads(line) for line in tree.read_text().splitlines()]
+    assert nodes == [{"problem_index": i} | node for i, r in enumerate(expected) for node in r.tree_records()]

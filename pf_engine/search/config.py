@@ -63,27 +63,52 @@ class SearchConfig:
     """
 
     algorithm: str = "particle_filter"
+    """The search: particle_filter, particle_gibbs, best_of_n, beam_search, dvts or self_consistency."""
     num_particles: int = 8
+    """Particles (partial answers) per problem."""
     max_steps: int = 32
+    """A particle finishes after this many steps."""
     max_step_tokens: int = 256
+    """A step ends after this many tokens."""
     max_new_tokens: int = 1024
+    """A particle finishes after this many tokens."""
     step_delimiter: str = "\n\n"
+    """The text that ends a step."""
     stop_at_boxed: bool = True
+    """A complete \\boxed{...} answer ends its step and finishes the particle."""
     temperature: float = 0.8
+    """The policy's sampling temperature."""
     top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens holding this much probability."""
     top_k: int = 0
+    """Draw from the k likeliest tokens only (0: all)."""
     aggregation: str = "last"
+    """How a particle's step rewards make its score: last, min, product or mean."""
     scheme: str = "systematic"
+    """Resampling: systematic, stratified, multinomial or residual."""
     weight_temperature: float = 1.0
+    """Weights are softmax(logit(score) / weight_temperature) within a problem."""
     ess_threshold: float | None = None
+    """Adaptive resampling: resample only when the effective sample size is below this fraction of the
+    particles (None: after every step)."""
     final_answer: str = "best"
+    """The answer: best (highest weight), sampled (drawn by weight), vote (weighted vote over answers) or outcome
+    (the outcome reward model's best)."""
     beam_width: int = 4
+    """beam_search: ways each kept beam is extended; dvts: particles per subtree."""
     iterations: int = 4
+    """particle_gibbs: sweeps."""
     ancestor_sampling: bool = False
+    """particle_gibbs: redraw the reference's ancestor after every step."""
     seed: int = 0
+    """The random streams' seed: the same seed gives the same draws."""
     system_prompt: str | None = None
+    """A system turn before each problem in the policy's prompt."""
     stop: tuple[str, ...] = ()
+    """Strings that end a particle where its text holds one; the text is cut before it."""
     budget_forcing: BudgetForcing | None = None
+    """Make thinking particles go on past an early end with a wait phrase, and end at a budget: the options of
+    pf_engine.BudgetForcing (min_continuations, min_tokens, max_tokens, wait_phrase, end_phrase)."""
 
     def __post_init__(self):
         if isinstance(self.budget_forcing, dict):
@@ -153,9 +178,19 @@ class SearchConfig:
                          stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop,
                          budget=self.budget_forcing)
 
-    @property
-    def num_sweeps(self) -> int:
-        return self.iterations if self.algorithm == "particle_gibbs" else 1
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (the string literal that follows it), one line each."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {field.target.id: " ".join(doc.value.value.split())
+            for field, doc in zip(body, body[1:], strict=False)
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)}
 
 
 _TYPE_NAMES = {BudgetForcing: "an object of budget forcing options", int: "an int", float: "a number",
