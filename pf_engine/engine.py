@@ -43,7 +43,8 @@ from pf_engine.step_end import StepEndTables, advance_boxed, token_texts
 
 MAX_RULES = 256  # distinct step rules kept before those of no placed row are dropped
 # Peaks of blocks in use and of the blocks the particles would hold unshared, for the policy's and a model
-# PRM's pools (ParticleEngine.stats; reset at the start of each call)
+# PRM's pools (ParticleEngine.stats). Engine.stream resets them at the start of each call; a server's
+# long-lived scheduler never does, so there they are the server's since start-up.
 PEAK_STATS = ("peak_blocks", "peak_prm_blocks", "peak_unshared_blocks", "peak_unshared_prm_blocks")
 
 
@@ -79,7 +80,7 @@ class ParticleEngine:
         self.eos_ids = set(_as_list(getattr(policy.model.config, "eos_token_id", None)))
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        # peaks since the call began; forwards and sequences fed for occupancy; seconds per phase
+        # peaks since they were last reset (PEAK_STATS); forwards and sequences fed for occupancy; seconds per phase
         self.stats = dict.fromkeys(PEAK_STATS, 0) | {
             "decode_forwards": 0, "decode_sequences": 0, "seconds_prefill": 0.0, "seconds_decode": 0.0,
             "seconds_score": 0.0, "seconds_resample": 0.0, "seconds_ancestors": 0.0}

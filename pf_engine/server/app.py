@@ -2,7 +2,8 @@
 ``/v1/completions`` and ``/v1/models``, plus ``/health`` and Prometheus ``/metrics``.
 
 Handlers check and tokenize a request, hand it to the engine loop (pf_engine.server.loop) and await
-its events; a client that goes away cancels its request. Every error leaves in OpenAI's shape.
+its events; a client that goes away cancels its request. Every error leaves in OpenAI's shape, and the
+OpenAPI schema (/openapi.json) says so: each status an endpoint answers, each field's bounds.
 """
 
 import asyncio
@@ -16,19 +17,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from pf_engine.api import Engine
+from pf_engine.engine import PEAK_STATS
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.search import SelectionPolicy
 from pf_engine.server.loop import EngineLoop, QueueFull, Ticket
 from pf_engine.server.protocol import (
+    ChatChunk,
+    ChatCompletion,
     ChatRequest,
+    Completion,
+    CompletionChunk,
     CompletionRequest,
+    ErrorResponse,
+    Health,
     Job,
     Limits,
+    ModelList,
     RequestError,
+    bounds,
     check_length,
     choices,
     chunk,
@@ -38,13 +50,19 @@ from pf_engine.server.protocol import (
     usage,
 )
 
+REFS = "#/components/schemas/"
 MAX_POLICIES = 256  # selection policies kept for reuse: requests of one config end their rounds together
+ERRORS = {400: "the request is refused: the message says why, param names the field",
+          401: "no valid API key (pf-engine serve --api-key): Authorization: Bearer KEY",
+          404: "the model named is not the one served", 429: "the queue is full (--max-queue): try again later",
+          500: "the engine failed on this request (a PRM callable that raised); the server goes on"}
 
 
 class Metrics:
     def __init__(self, loop: EngineLoop):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("pf_engine_requests", "HTTP requests answered", ["path", "status"], registry=r)
+        self.requests = Counter("pf_engine_requests", "HTTP requests answered (499: the client went away first; "
+                                "path: the route, or other)", ["path", "status"], registry=r)
         self.prompt_tokens = Counter("pf_engine_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("pf_engine_generated_tokens", "tokens drawn for finished requests, "
                                         "every particle's", registry=r)
@@ -58,7 +76,7 @@ class Metrics:
             lambda: loop.num_waiting)
         Gauge("pf_engine_running_requests", "requests in the running batch", registry=r).set_function(
             lambda: loop.num_running)
-        r.register(_DecodeCounts(loop.engine.core.stats))
+        r.register(_EngineStats(loop.engine.core.stats))
 
     def finished(self, ticket: Ticket, result) -> None:
         self.prompt_tokens.inc(len(ticket.problem.prompt_ids))
@@ -67,9 +85,39 @@ class Metrics:
         self.latency.observe(time.monotonic() - ticket.submitted)
 
 
-class _DecodeCounts:
-    """The decode loop's forwards and the sequences they ran: sequences / forwards is the mean batch, which
-    shows concurrent requests sharing forwards."""
+class _AuthorizeAndCount:
+    """Demands the API key (but on /health) and counts each answer by route and status. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, whose wrapped receive hides a client's going away from
+    ``request.is_disconnected()``."""
+
+    def __init__(self, app, api_key: str | None, counter: Counter, paths: set[str]):
+        self.app, self.api_key, self.counter, self.paths = app, api_key, counter, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.paths else "other"  # a label per path seen would grow
+        if self.api_key is not None and scope["path"] != "/health":
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                self.counter.labels(route, "401").inc()
+                answer = JSONResponse(RequestError("a valid API key is needed: Authorization: Bearer KEY", None, 401,
+                                                   "authentication_error").body(), status_code=401)
+                return await answer(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+class _EngineStats:
+    """The decode loop's forwards and the sequences they ran (sequences / forwards is the mean batch, which
+    shows concurrent requests sharing forwards), and the KV pools' peaks. One scheduler serves every
+    request and never resets them, so the peaks are the server's since start-up: a response's usage holds
+    its request's own counts only."""
 
     def __init__(self, stats: dict):
         self.stats = stats
@@ -79,6 +127,13 @@ class _DecodeCounts:
                                   value=self.stats["decode_forwards"])
         yield CounterMetricFamily("pf_engine_decode_sequences", "sequences those forwards ran, summed",
                                   value=self.stats["decode_sequences"])
+        peaks = GaugeMetricFamily("pf_engine_kv_blocks_peak", "the most KV blocks held at once since the server "
+                                  "started, by pool; unshared: what the particles would hold with no block shared",
+                                  labels=["pool", "sharing"])
+        for key in PEAK_STATS:
+            peaks.add_metric(["prm" if "prm" in key else "policy", "unshared" if "unshared" in key else "shared"],
+                             self.stats[key])
+        yield peaks
 
 
 def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_queue: int = 1024,
@@ -88,6 +143,8 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
     metrics = Metrics(loop)
     loop.on_finish = metrics.finished
     policies: dict = {}
+    paths: set[str] = set()  # the routes, filled below: /metrics labels other paths "other"
+    auth = (401,) if api_key is not None else ()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -99,18 +156,7 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
                   lifespan=lifespan)
     app.state.loop, app.state.metrics = loop, metrics
 
-    @app.middleware("http")
-    async def authorize_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                answer = JSONResponse(RequestError("a valid API key is needed: Authorization: Bearer KEY", None, 401,
-                                                   "authentication_error").body(), status_code=401)
-                metrics.requests.labels(request.url.path, "401").inc()
-                return answer
-        answer = await call_next(request)
-        metrics.requests.labels(request.url.path, str(answer.status_code)).inc()
-        return answer
+    app.add_middleware(_AuthorizeAndCount, api_key=api_key, counter=metrics.requests, paths=paths)
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
@@ -130,28 +176,44 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, str(exc.status_code)),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {
+        "type": "string"}}}, "description": "Prometheus' text format"}} | _errors(*auth))
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}} | _errors(*auth))
     async def models():
         return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
                                             "owned_by": "pf_engine", "max_model_len": limits.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
+    searches = _errors(400, *auth, 404, 429, 500)
+    # read by parse(); declared here for the schema alone
+    budget_header = {"parameters": [{"name": "X-ITS-Budget", "in": "header", "schema": bounds(limits)["budget"],
+                                     "description": "its_hub: the number of particles, as the body's budget"}]}
+
+    @app.post("/v1/chat/completions", openapi_extra=budget_header,
+              responses={200: {"model": ChatCompletion, "content": _event_stream(ChatChunk)}} | searches)
     async def chat_completions(body: ChatRequest, request: Request):
         return await _answer(body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=budget_header,
+              responses={200: {"model": Completion, "content": _event_stream(CompletionChunk)}} | searches)
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(body, request)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _document(FastAPI.openapi(app), limits, api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    paths.update(route.path for route in app.routes)
 
     def selection_policy(job: Job) -> SelectionPolicy:
         """One policy object per config but its seed: requests of one search end their rounds together."""
@@ -187,13 +249,13 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
                 try:
                     kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # the finally cancels it
-                    continue
+                    kind = "waiting"
                 if kind == "error":
                     raise RequestError(f"the engine failed on this request: {payload}", None, 500, "server_error")
                 if kind == "result":
                     return JSONResponse(response(job, payload, len(problem.prompt_ids), limits.model_name))
+                if await request.is_disconnected():  # after progress too: it may come more often than 0.5 s
+                    return Response(status_code=499)  # the finally cancels it
         finally:
             if not ticket.done:
                 loop.cancel(ticket)
@@ -236,6 +298,45 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
                 loop.cancel(ticket)
 
     return app
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+
+
+def _event_stream(chunk) -> dict:
+    """A streamed answer (stream: true): server-sent events, each a ``chunk`` as JSON (or an error, where
+    the engine fails), then [DONE]."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": f"{REFS}{chunk.__name__}"}, {"$ref": f"{REFS}ErrorResponse"}]}}
+    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}}}}
+
+
+def _document(schema: dict, limits: Limits, keyed: bool) -> None:
+    """FastAPI's schema made to say what the server does: no 422 (a body it cannot read is a 400, in
+    OpenAI's shape), the bounds each request field is checked against, and the API key where one is asked."""
+    components = schema["components"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        components["schemas"].pop(name, None)
+    _, chunks = models_json_schema([(ChatChunk, "serialization"), (CompletionChunk, "serialization")],
+                                   ref_template=REFS + "{model}")
+    components["schemas"] |= chunks["$defs"]
+    for model in ("ChatRequest", "CompletionRequest"):
+        properties = components["schemas"][model]["properties"]
+        for name, bound in bounds(limits).items():
+            if name in properties:
+                field = properties[name]
+                nullable = {"type": "null"} in field.get("anyOf", ())
+                properties[name] = {k: field[k] for k in ("title", "description", "default") if k in field} | (
+                    {"anyOf": [bound, {"type": "null"}]} if nullable else bound)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if keyed and path != "/health":
+                operation["security"] = [{"api_key": []}]
+    if keyed:
+        components["securitySchemes"] = {"api_key": {"type": "http", "scheme": "bearer"}}
 
 
 def _sse(body: dict) -> str:

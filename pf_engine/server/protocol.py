@@ -1,5 +1,6 @@
 """OpenAI's wire format for pf_engine: request bodies (pydantic, so FastAPI serves their schema), their
-checks against the server's limits, and the response and chunk bodies built from a Result.
+checks against the server's limits, and the response and chunk bodies built from a Result (with
+pydantic models of them for the schema alone).
 
 A request's search is the server's default SearchConfig with the body's ``search`` fields over it,
 then the standard fields (``temperature``, ``top_p``, ``max_tokens``, ``seed``, ``stop``) and its_hub's
@@ -12,11 +13,13 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pf_engine.api import Result
 from pf_engine.search import SearchConfig
+from pf_engine.search.config import MAX_STOP_STRINGS
 
 SEARCH_FIELDS = {f.name for f in fields(SearchConfig)}
 # OpenAI fields pf_engine cannot honour: refused when set to anything but their neutral value
@@ -44,12 +47,18 @@ def error_body(message: str, kind: str, param: str | None, code: str | None) -> 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+# strict: a value of another JSON type than the schema's is refused, not converted ("2" for 2, 1 for true)
+STRICT = ConfigDict(strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI fields are read (UNSUPPORTED) or ignored
+    model_config = STRICT | ConfigDict(extra="allow")  # other OpenAI fields are read (UNSUPPORTED) or ignored
 
     model: str | None = None
     temperature: float | None = None
@@ -67,16 +76,27 @@ class _Request(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str
+    model_config = STRICT
+
+    role: Literal["system", "user", "assistant"]
     content: str
 
 
 class ChatRequest(_Request):
-    messages: list[ChatMessage]
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "What is 2+3?"}], "seed": 1, "n": 2},
+        {"messages": [{"role": "user", "content": "Add 4 and 5."}], "stream": True, "return_tree": True,
+         "stream_options": {"include_usage": True}}]})
+
+    messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
 
 class CompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "2+2=", "max_tokens": 20, "return_tree": True},
+        {"prompt": "2+2=", "stream": True, "stream_options": {"include_usage": True}}]})
+
     prompt: str | list[str]
 
 
@@ -124,11 +144,9 @@ def parse(request: _Request, limits: Limits, budget_header: str | None) -> Job:
         max_tokens = _same("max_completion_tokens", request.max_completion_tokens, "max_tokens", max_tokens)
     budget = request.budget
     if budget_header is not None:
-        try:
-            header = int(budget_header)
-        except ValueError:
-            raise RequestError(f"X-ITS-Budget must be an int, got {budget_header!r}", "X-ITS-Budget") from None
-        budget = _same("X-ITS-Budget", header, "budget", budget)
+        if not re.fullmatch(r"-?[0-9]+", budget_header):  # int() would also take " 8", "+8" and "8_0"
+            raise RequestError(f"X-ITS-Budget must be an int, got {budget_header!r}", "X-ITS-Budget")
+        budget = _same("X-ITS-Budget", int(budget_header), "budget", budget)
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     standard = {"temperature": ("temperature", request.temperature), "top_p": ("top_p", request.top_p),
                 "max_new_tokens": ("max_tokens", max_tokens), "seed": ("seed", request.seed),
@@ -171,6 +189,24 @@ def check_length(job: Job, prompt_tokens: int, limits: Limits) -> None:
                            f"{prompt_tokens} and max_tokens asks for {job.config.max_new_tokens} more", param)
 
 
+def bounds(limits: Limits) -> dict[str, dict]:
+    """What the checks here, SearchConfig's and Engine.problem's refuse, as JSON Schema of each request
+    field they bound (the server's OpenAPI schema shows it). A body within them may still be refused:
+    a prompt too long for max_tokens, n above the particles, a conversation with no user turn."""
+    particles = {"type": "integer", "minimum": 1, "maximum": limits.max_particles}
+    tokens = {"type": "integer", "minimum": 1, "maximum": limits.max_model_len - 1}  # a prompt has a token
+    text = {"type": "string", "pattern": r"\S"}  # Engine.problem refuses a prompt of whitespace alone
+    return {"model": {"type": "string", "enum": [limits.model_name]},  # any other is a 404
+            "temperature": {"type": "number", "exclusiveMinimum": 0},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "max_tokens": tokens, "max_completion_tokens": tokens, "n": particles, "budget": particles,
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**62 - 1},
+            "stop": {"anyOf": [{"type": "string", "minLength": 1},
+                               {"type": "array", "items": {"type": "string", "minLength": 1},
+                                "maxItems": MAX_STOP_STRINGS}]},
+            "prompt": {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}}
+
+
 def _same(name: str, value, other: str, other_value):
     if other_value is not None and other_value != value:
         raise RequestError(f"{name} ({value!r}) and {other} ({other_value!r}) disagree: give one", name)
@@ -186,6 +222,151 @@ def _param(message: str, standard: dict) -> str:
 
 
 # -- responses -------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
+    param: str | None = Field(description="the request field at fault, as a dotted path")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every refusal carries."""
+
+    error: ErrorDetail
+
+
+class EngineUsage(BaseModel):
+    """This request's own search. The KV pool is shared by every request in flight: its block counts
+    and peaks are the server's, on /metrics."""
+
+    generated_tokens: int = Field(description="tokens drawn, every particle's")
+    prm_tokens: int = Field(description="tokens a model PRM read")
+    particles: int
+    steps: int = Field(description="the chosen answer's steps")
+    seed: int = Field(description="the seed drawn with: the same request and seed give the same answer")
+    answer: str | None = Field(description="the chosen answer's final answer (last \\boxed{...}, else last number)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = Field(description="the tokens of the choices returned")
+    total_tokens: int
+    pf_engine: EngineUsage
+
+
+class Tree(BaseModel):
+    tree: list[dict] = Field(description="every step of every particle (Result.tree_records)")
+    leaves: list[int]
+    chosen: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class _Choice(BaseModel):
+    index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class _Answer(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+    pf_engine: Tree | None = Field(None, description="with return_tree")
+
+
+class ChatCompletion(_Answer):
+    """The answer (stream: false); with stream: true, server-sent events of chat.completion.chunk bodies."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class Completion(_Answer):
+    """The answer (stream: false); with stream: true, server-sent events of text_completion bodies."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class Progress(BaseModel):
+    state: Literal["waiting", "running"]
+    step: int
+    sweep: int
+    live_particles: int
+
+
+class StreamExtra(BaseModel):
+    progress: Progress | None = Field(None, description="sent while the search runs")
+    tree: list[dict] | None = Field(None, description="with return_tree, after the choices")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class _Chunk(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = Field(None, description="with stream_options.include_usage, in a chunk of no choices")
+    pf_engine: StreamExtra | None = None
+
+
+class ChatChunk(_Chunk):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
 def choices(result: Result, n: int) -> list[int]:
     """The particles returned: the chosen answer first, then the others by weight."""
     order = sorted(range(len(result.particles)), key=lambda i: (i != result.chosen, -result.weights[i], i))
