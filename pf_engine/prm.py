@@ -1,8 +1,9 @@
 """Process reward models scored incrementally on their own KV cache.
 
 Each call extends every sequence by its newest step and a marker token, and
-reads two logits at the marker; only the new tokens are prefilled. The logits
-feed the fused resampling kernel (``reward="class_logits"`` or ``"token_logits"``).
+reads the head's output at the marker; only the new tokens are prefilled. That
+output feeds the fused resampling kernel: two logits (``reward="class_logits"``
+or ``"token_logits"``) or the reward itself (``reward="reward"``).
 
 - ``ClassHeadPRM``: Qwen2.5-Math-PRM style. The marker is the step separator
   (``<extra_0>``); a 2-class head on its hidden state gives [bad, good].
@@ -19,7 +20,8 @@ from pf_engine.runner import ModelRunner
 
 
 class ModelPRM:
-    """A PRM model on its own runner: a step's tokens and a marker token in, two logits at the marker out."""
+    """A PRM model on its own runner: a step's tokens and a marker token in, the head's output at the
+    marker out (two logits, or the reward for ``reward_kind`` "reward")."""
 
     reward_kind: str
 

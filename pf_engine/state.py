@@ -11,7 +11,7 @@
 with the rules particles write steps by (StepRules, BudgetForcing) and the tree's nodes.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ class TreeNode:
     reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
     forced: str | None = None  # budget forcing: the phrase the step starts with, forced ("wait" or "end")
     trim: int = 0  # a stop string ending in this step began this many characters before it: cut from the text
-
-    def record(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from pf_engine.answers import extract_answer, is_correct
 from pf_engine.api import Engine, Result
 from pf_engine.files import write_all_atomically
 from pf_engine.search import SearchConfig
-from pf_engine.state import BudgetForcing
+from pf_engine.state import BudgetForcing, path_texts, path_to
 
 DATASETS = ("verified", "stitch", "backtrack", "but-wait")
 MARKERS = {"think": ("<think>\n", "\n</think>\n\n"), "thought": ("<|thought|>\n", "\n<|/thought|>\n\n")}
@@ -112,11 +112,21 @@ def summary(records: dict[str, list[dict]]) -> list[dict]:
 
 
 def rebuild(meta: dict, result: Result, config: SynthesisConfig) -> str:
-    """The assistant text ``meta["pieces"]`` names, from ``result``'s tree."""
+    """The assistant text ``meta["pieces"]`` names, from ``result``'s tree. A node's text is its step's
+    as the particle whose text it shows had it: the last node in ``pieces`` descending from it ends
+    that particle's steps, so the start of a stop string that the particle's last step ends is cut
+    (``TreeNode.trim``, as in ``Result.text``); a dead branch's cut stops at the branch."""
+    nodes = [p for p in meta["pieces"] if not isinstance(p, str)]
+    ends = {}
+    for end in nodes:
+        ends |= dict.fromkeys(path_to(result.tree, end), end)
     text = config.markers[0]
     for piece in meta["pieces"]:
-        text += {"transition": config.transition, "end": config.markers[1]}.get(piece) if isinstance(piece, str) \
-            else result.tree[piece].text
+        if isinstance(piece, str):
+            text += {"transition": config.transition, "end": config.markers[1]}[piece]
+        else:
+            path = path_to(result.tree, ends[piece])
+            text += path_texts(result.tree, path)[path.index(piece)]
     return text
 
 
@@ -186,13 +196,13 @@ def _final_paths(result: Result) -> list[list[int]]:
 
 
 def _answer(result: Result, path: list[int]) -> str | None:
-    return extract_answer("".join(result.tree[n].text for n in path))
+    return extract_answer("".join(path_texts(result.tree, path)))
 
 
 def _verified_paths(result: Result, gold) -> list[list[int]]:
     """Final paths whose answer is the gold one and stands in their last step (the solution)."""
     return [path for path in _final_paths(result) if path and is_correct(_answer(result, path), gold)
-            and is_correct(extract_answer(result.tree[path[-1]].text), gold)]
+            and is_correct(extract_answer(path_texts(result.tree, path)[-1]), gold)]
 
 
 def _as_answer(pieces: list) -> list:
@@ -203,7 +213,7 @@ def _as_answer(pieces: list) -> list:
 def _keep(found: list, result: Result, config: SynthesisConfig) -> list:
     kept, texts = [], set()
     for pieces, counts in found:
-        text = tuple(p if isinstance(p, str) else result.tree[p].text for p in pieces)
+        text = rebuild({"pieces": pieces}, result, config)
         if config.dedup and text in texts:
             continue
         texts.add(text)

@@ -182,6 +182,43 @@ def test_the_vote_groups_equivalent_answers(boxed_policy, algorithm):
     assert decided_by >= ({"grouping", "weights"} if odds > 1 else {"grouping"}), decided_by
 
 
+SAMPLED_PROBLEMS = 600
+SAMPLED_REWARDS = {THREE: 0.9, HALF[0]: 0.7}  # odds 9 and 7/3; the other two spellings 1
+FALSE_FAILURE = 1e-6  # the chance that a correct sampler fails the test, at most
+
+
+def bernstein_bound(p: np.ndarray, delta: float) -> float:
+    """t such that a sum X of independent Bernoulli(p_i) has P(|X - sum p| >= t) <= delta (Bernstein)."""
+    log_term, variance = math.log(2 / delta), float(np.sum(p * (1 - p)))
+    return log_term / 3 + math.sqrt(log_term ** 2 / 9 + 2 * variance * log_term)
+
+
+def test_a_sampled_final_answer_is_drawn_by_weight(boxed_policy):
+    """final_answer="sampled" picks particle i with probability w_i: over many problems, each under
+    a seed of its own, the number of picks of each answer, and of a highest-weight particle, is
+    within a Bernstein bound of the sum of their weights, so it is neither the argmax nor uniform."""
+    engine = Engine(policy=boxed_policy, prm=lambda q, steps: SAMPLED_REWARDS.get(steps[-1], 0.5),
+                    kv_cache_memory=8 << 20)
+    problems = [{"problem": "?", "key": i, "seed": i} for i in range(SAMPLED_PROBLEMS)]
+    results = engine.solve(problems, SearchConfig(final_answer="sampled", **VOTE))
+    kinds = [THREE, *HALF, "the highest weight"]
+    probability, picked = np.zeros((len(kinds), len(results))), np.zeros((len(kinds), len(results)))
+    for j, r in enumerate(results):
+        weights = np.array(r.weights)
+        top = weights == weights.max()
+        for k, kind in enumerate(kinds):
+            members = top if k == len(kinds) - 1 else np.array([text == kind for text in r.particles])
+            probability[k, j], picked[k, j] = weights[members].sum(), members[r.chosen]
+    assert len({r.chosen for r in results}) > 1 and probability[-1].max() < 1
+    for kind, p, x in zip(kinds, probability, picked, strict=True):
+        bound = bernstein_bound(p, FALSE_FAILURE / len(kinds))
+        assert abs(x.sum() - p.sum()) < bound, f"{kind}: picked {x.sum():.0f} times, weighs {p.sum():.1f} ± {bound:.1f}"
+    # the bound is tight enough to tell the draw from the argmax and from a uniform pick
+    assert len(results) - probability[-1].sum() > bernstein_bound(probability[-1], FALSE_FAILURE)
+    uniform = sum(r.particles.count(THREE) / len(r.particles) for r in results)
+    assert probability[0].sum() - uniform > bernstein_bound(probability[0], FALSE_FAILURE)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -318,8 +355,9 @@ def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path, fmt):
                 logits = hf(torch.tensor([ids])).logits[0, -1]
             expected = torch.sigmoid(logits[good] - logits[bad]).item()
             assert n.reward == pytest.approx(expected, abs=1e-4), (n.node, n.depth, path)
-    # the check has teeth: steps were copied to other slots before their particles wrote on
-    assert any(n.num_children > 1 and n.depth < max(m.depth for m in r.tree) for r in results for n in r.tree)
+    # the check has teeth: unfinished steps were copied to other slots before their particles wrote on (a
+    # finished particle's last step is carried into every later round, so its count of children is no sign)
+    assert any(n.num_children > 1 and not n.finished for r in results for n in r.tree)
 
 
 def test_prm_marker_must_be_one_token(policy, tmp_path):

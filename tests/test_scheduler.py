@@ -6,11 +6,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import assert_resampled, varying_reward
 
 from pf_engine import Engine, OutOfBlocksError, SearchConfig
 from pf_engine.engine import ParticleEngine
+from pf_engine.prm_format import PRMFormat
 from pf_engine.scheduler import Scheduler
 from pf_engine.search.config import ALGORITHMS
+from tiny import save_tiny_policy
 
 QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?", "Name a color, please.", "x"]
 SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
@@ -22,14 +25,18 @@ BLOCK_BYTES = 2 * 2 * 2 * 8 * 4 * 16  # tiny policy: layers * K/V * kv heads * h
 # follows; just enough for one problem at a time (ancestor sampling needs more room for its splices).
 POOLS = {"roomy": 2048, "tight": 16, "just enough": 12}
 ANCESTOR_POOLS = {"roomy": 2048, "tight": 24}
+# A model PRM that reads far more tokens a step than the policy writes, so its pool (as many blocks as
+# the policy's) runs short first; blocks of the tight pool per search.
+LONG_PRM_FORMAT = PRMFormat(chat_template=False, question_suffix=" Steps:", first_step_prefix=" ", step_prefix="\n",
+                            step_suffix=" Is this right?", marker="=", good="+", bad="-")
+PRM_POOLS = {"particle_filter": 24, "particle_gibbs+ancestors": 40}
 
 
-def vowel_reward(question, steps):
-    return min(1.0, 0.1 + 0.2 * sum(ch in "aeiou" for ch in steps[-1]))
+# the searches that resample: their comparisons hold only if resampling changed some ancestors
+RESAMPLING = ("particle_filter", "particle_gibbs", "beam_search", "dvts", "particle_gibbs+ancestors")
 
 
-
-def engine_with(policy, blocks, prm=vowel_reward):
+def engine_with(policy, blocks, prm=varying_reward):
     return Engine(policy=policy, prm=prm, kv_cache_memory=blocks * BLOCK_BYTES)
 
 
@@ -38,6 +45,12 @@ def outcome(result):
     tree = [(n.node, n.parent, n.depth, n.text, n.reward, n.weight, n.num_children, n.finished, n.iteration,
              n.reference) for n in result.tree]
     return result.particles, result.weights, result.leaves, result.answer, tree
+
+
+def shape(node):
+    """A tree node bar its problem index and its floats."""
+    return node.node, node.parent, node.depth, node.text, node.num_children, node.finished, node.iteration, \
+        node.reference
 
 
 def assert_pools_free(engine):
@@ -60,6 +73,10 @@ def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name,
     engine = engine_with(policy, pools[pool])
     results = engine.solve(QUESTIONS, CONFIGS[name])
     assert [outcome(r) for r in results] == alone[name]
+    if name in RESAMPLING:
+        assert_resampled(results)
+    elif name == "best_of_n":  # the rewards rank the particles
+        assert any(len(set(r.weights)) > 1 for r in results)
     preemptions = sum(r.stats["preemptions"] for r in results)
     if pool == "tight":
         assert preemptions > 0, "the pool was meant to force preemptions"
@@ -79,6 +96,49 @@ def test_same_answers_whatever_the_admission_order(policy, alone, name):
     order = [3, 0, 4, 2, 1]
     results = engine.solve([{"problem": QUESTIONS[i], "key": i} for i in order], CONFIGS[name])
     assert [outcome(r) for r in results] == [alone[name][i] for i in order]
+    assert sum(r.stats["preemptions"] for r in results) > 0
+    assert_resampled(results)
+
+
+@pytest.fixture(scope="module")
+def prm_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prm")
+    save_tiny_policy(folder, seed=3, initializer_range=0.2)  # weights large enough to spread the rewards
+    return folder
+
+
+@pytest.mark.parametrize("name", list(PRM_POOLS))
+def test_same_answers_when_the_prm_pool_runs_short(policy, prm_checkpoint, monkeypatch, name):
+    """Scoring that does not fit in the PRM's pool preempts the newest problem, which is later rebuilt
+    from its tree on both pools: the texts, trees and weights are those of a roomy pool (to fp32 rounding:
+    a model PRM's floats depend on which sequences share its forward)."""
+    def engine(blocks):
+        return Engine(policy=policy, prm=prm_checkpoint, prm_format=LONG_PRM_FORMAT,
+                      kv_cache_memory=blocks * 2 * BLOCK_BYTES)  # a block of each pool
+
+    roomy = engine(POOLS["roomy"]).solve(QUESTIONS, CONFIGS[name])
+    short, score = [], ParticleEngine.score
+
+    def counted(self, batch):
+        try:
+            return score(self, batch)
+        except OutOfBlocksError:
+            short.append(len(batch.problems))
+            raise
+
+    monkeypatch.setattr(ParticleEngine, "score", counted)
+    tight_engine = engine(PRM_POOLS[name])
+    tight = tight_engine.solve(QUESTIONS, CONFIGS[name])
+    assert short, "the PRM's pool never ran short"
+    assert sum(r.stats["preemptions"] for r in tight) >= len(short)
+    for a, b in zip(tight, roomy, strict=True):
+        assert (a.particles, a.leaves, a.answer) == (b.particles, b.leaves, b.answer)
+        assert [shape(n) for n in a.tree] == [shape(n) for n in b.tree]
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose([(n.reward, n.weight) for n in a.tree], [(n.reward, n.weight) for n in b.tree],
+                                   rtol=1e-5, atol=1e-7)
+    assert_resampled(roomy)
+    assert_pools_free(tight_engine)
 
 
 def test_results_stream_as_problems_finish(policy):
@@ -92,6 +152,7 @@ def test_results_stream_as_problems_finish(policy):
     assert seen == list(range(1, len(problems) + 1))
     assert [outcome(r) for r in solved] == [outcome(r) for _, r in sorted(streamed, key=lambda x: x[0])]
     assert [r.question for r in solved] == problems
+    assert_resampled(solved)
 
 
 def test_a_problem_that_cannot_fit_alone_says_how_much_it_needs(policy):
@@ -125,6 +186,7 @@ def test_a_problem_may_bring_its_own_seed(policy):
                             config)
     assert outcome(together[0]) == outcome(engine.solve([QUESTIONS[0]], replace(config, seed=5))[0])
     assert outcome(together[1]) == outcome(engine.solve([QUESTIONS[1]], config)[0])
+    assert_resampled(together)
 
 
 # -- exception safety ------------------------------------------------------------------------
@@ -166,8 +228,9 @@ def test_a_failure_in_any_phase_leaves_every_pool_as_it_was(policy, monkeypatch,
     assert len(calls) > after, f"{phase} was never reached {after + 1} times"
     assert_pools_free(engine)
     monkeypatch.setattr(owner, phase, original)
-    again = [outcome(r) for r in engine.solve(QUESTIONS[:2], config)]
-    assert again == [outcome(r) for r in token_pair_engine(policy).solve(QUESTIONS[:2], config)]
+    again = engine.solve(QUESTIONS[:2], config)
+    assert [outcome(r) for r in again] == [outcome(r) for r in token_pair_engine(policy).solve(QUESTIONS[:2], config)]
+    assert_resampled(again)
 
 
 def test_a_raising_prm_callable_leaks_nothing(policy):
@@ -240,14 +303,15 @@ MIXED = {"particle_filter": CONFIGS["particle_filter"],
 @pytest.mark.parametrize("pool", ["roomy", "tight"])
 def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool):
     """A server's requests each bring their own search: run together in one scheduler, added while
-    others run, each problem ends as it would alone."""
+    others run (those of one search sharing its policy object, so their rounds end in one fused call),
+    each problem ends as it would alone."""
     engine = engine_with(policy, POOLS[pool])
     expected = {}
     for name, config in MIXED.items():
         expected[name] = [outcome(engine.solve([{"problem": q, "key": i}], config)[0]) for i, q in enumerate(QUESTIONS)]
     scheduler = Scheduler(engine.core, engine.bytes_per_block)
-    jobs = [(name, i, engine.problem(q, i, i, engine.selection_policy(config)))
-            for name, config in MIXED.items() for i, q in enumerate(QUESTIONS)]
+    policies = {name: engine.selection_policy(config) for name, config in MIXED.items()}  # one per search
+    jobs = [(name, i, engine.problem(q, i, i, policies[name])) for name in MIXED for i, q in enumerate(QUESTIONS)]
     late = jobs[len(jobs) // 2:]
     for _, _, problem in jobs[:len(jobs) // 2]:
         scheduler.add(problem)
@@ -258,10 +322,13 @@ def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool)
                 scheduler.add(problem)
             late = []
         for problem in scheduler.iterate():
-            got[id(problem)] = outcome(engine.result(problem))
+            got[id(problem)] = engine.result(problem)
         iterations += 1
     for name, i, problem in jobs:
-        assert got[id(problem)] == expected[name][i], (name, i)
+        assert outcome(got[id(problem)]) == expected[name][i], (name, i)
+    for name, config in MIXED.items():
+        if config.algorithm in RESAMPLING:
+            assert_resampled([got[id(problem)] for job, _, problem in jobs if job == name])
     assert len(engine.core.rules) > 1
     if pool == "tight":
         assert scheduler.num_preemptions > 0
@@ -285,8 +352,10 @@ def test_cancelling_gives_every_block_back_and_the_others_go_on(policy, alone):
     assert running.rows is None and running.lane == -1 and running not in scheduler.running
     finished = [p for p in scheduler.run()]
     assert {id(p) for p in finished} == {id(p) for p in problems} - {id(running), id(waiting)}
-    for p in finished:
-        assert outcome(engine.result(p)) == alone["particle_filter"][p.index]
+    results = [engine.result(p) for p in finished]
+    for p, result in zip(finished, results, strict=True):
+        assert outcome(result) == alone["particle_filter"][p.index]
+    assert_resampled(results)
     assert_pools_free(engine)
 
 
@@ -347,6 +416,7 @@ def test_prompts_as_raw_text_or_a_conversation(policy):
     assert raw.prompt_ids == tokenizer.encode("2+2=", add_special_tokens=True) and raw.question == "2+2="
     [offline] = engine.solve([{"messages": [{"role": "user", "content": QUESTIONS[1]}]}], config)
     assert outcome(offline) == outcome(engine.solve([QUESTIONS[1]], config)[0])
+    assert_resampled([offline])
     for messages, message in (([], "non-empty list"), ([{"role": "user"}], "string content"),
                               ([{"role": "assistant", "content": "hi"}], "no user turn")):
         with pytest.raises(ValueError, match=message):
@@ -368,9 +438,10 @@ def test_one_policy_object_serves_problems_of_differing_seeds(policy, name):
     weighed = []
     real_weigh = engine.core.weigh
     engine.core.weigh = lambda batch, *args: weighed.append(len(batch.problems)) or real_weigh(batch, *args)
-    finished = {id(p): outcome(engine.result(p)) for p in scheduler.run()}
+    finished = {id(p): engine.result(p) for p in scheduler.run()}
     engine.core.weigh = real_weigh
     assert max(weighed) > 1  # problems of different seeds weighed together
     for i, (q, problem) in enumerate(zip(QUESTIONS, problems, strict=True)):
         alone = engine.solve([{"problem": q, "key": i}], replace(CONFIGS[name], seed=10 + i))[0]
-        assert finished[id(problem)] == outcome(alone), i
+        assert outcome(finished[id(problem)]) == outcome(alone), i
+    assert_resampled(finished.values())

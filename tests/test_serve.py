@@ -4,6 +4,7 @@ error shape, cancellation by a client that goes away, and a bounded load of conc
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -15,9 +16,9 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from conftest import TESTS_PYTHONPATH, VARYING_VERIFIER, assert_resampled, varying_reward
 
 from pf_engine import Engine, SearchConfig
-from pf_engine.verifiers import arithmetic_verifier
 
 KEY = "test-key"
 # the server's defaults, as flags and as the SearchConfig they make
@@ -46,11 +47,14 @@ def wait_until_healthy(url: str, exited=lambda: False) -> None:
 
 
 def start_server(folder, *flags) -> tuple[subprocess.Popen, str]:
+    """``pf-engine serve`` on a free port, with tests/ on its path for ``--verifier conftest:varying_reward``."""
     port = free_port()
+    path = os.pathsep.join(filter(None, [TESTS_PYTHONPATH, os.environ.get("PYTHONPATH")]))
     # run outside the source folder, whose unbuilt pf_engine/ would shadow the installed package
     process = subprocess.Popen([sys.executable, "-m", "pf_engine.cli", "serve", "--policy", str(folder), "--port",
                                 str(port), "--log-level", "warning", *flags], cwd=tempfile.gettempdir(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=os.environ | {"PYTHONPATH": path}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, lambda: process.poll() is not None)
@@ -75,7 +79,7 @@ def metric(url: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(policy):
-    process, url = start_server(policy, "--verifier", "arithmetic", "--api-key", KEY, "--max-particles", "16",
+    process, url = start_server(policy, "--verifier", VARYING_VERIFIER, "--api-key", KEY, "--max-particles", "16",
                                 "--progress-interval", "0.05", *FLAGS)
     yield url
     stop_server(process)
@@ -88,7 +92,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(policy):
-    engine = Engine(policy=policy, prm=arithmetic_verifier)
+    engine = Engine(policy=policy, prm=varying_reward)
 
     def solve(item, **search):
         return engine.solve([item], SearchConfig(**(DEFAULTS | search)))[0]
@@ -115,6 +119,7 @@ def test_chat_equals_solve_offline_with_n_best(client, offline):
     answer = client.chat.completions.create(model=openai.NOT_GIVEN, messages=user(QUESTIONS[0]), seed=7, n=3)
     expected = offline({"messages": user(QUESTIONS[0])}, seed=7)
     order = sorted(range(4), key=lambda i: (i != expected.chosen, -expected.weights[i], i))[:3]
+    assert_resampled([expected])
     assert [c.message.content for c in answer.choices] == [expected.particles[i] for i in order]
     assert [c.finish_reason for c in answer.choices] == [expected.finish_reasons[i] for i in order]
     assert answer.usage.completion_tokens == sum(expected.num_tokens[i] for i in order)
@@ -156,6 +161,7 @@ def test_streamed_completions_with_n(client, offline):
             texts[choice.index] += choice.text
     expected = offline({"prompt": "Add 2 and 2."}, seed=5)
     order = sorted(range(4), key=lambda i: (i != expected.chosen, -expected.weights[i], i))[:2]
+    assert_resampled([expected])
     assert texts == [expected.particles[i] for i in order]
 
 
@@ -175,6 +181,7 @@ def test_stop_strings_and_top_p(client, offline):
                                             stop=["a", "1"], top_p=0.95)
     expected = offline({"messages": user(QUESTIONS[4])}, seed=9, stop=("a", "1"), top_p=0.95)
     order = sorted(range(4), key=lambda i: (i != expected.chosen, -expected.weights[i], i))
+    assert_resampled([expected])
     assert [c.message.content for c in answer.choices] == [expected.particles[i] for i in order]
     assert all("a" not in c.message.content and "1" not in c.message.content for c in answer.choices)
 
@@ -292,9 +299,12 @@ def test_a_bounded_load_of_concurrent_clients(server, offline):
     forwards = metric(server, "pf_engine_decode_forwards_total") - before[0]
     sequences = metric(server, "pf_engine_decode_sequences_total") - before[1]
     assert sequences / forwards > 8, "no request has more than 8 particles: requests must share forwards"
+    expected = []
     for job, text in zip(jobs, texts, strict=True):
         item = {"messages": user(job["question"])} if job["chat"] else {"prompt": job["question"]}
-        assert text == offline(item, seed=job["seed"], num_particles=job["particles"]).text, job
+        expected.append(offline(item, seed=job["seed"], num_particles=job["particles"]))
+        assert text == expected[-1].text, job
+    assert_resampled(expected)
     assert metric(server, "pf_engine_kv_blocks_in_use") == 0
     assert metric(server, "pf_engine_running_requests") == 0 and metric(server, "pf_engine_queue_length") == 0
 

@@ -1,6 +1,6 @@
 """How particles write steps, on scripted policies (tests/scripted.py) whose tokens are known in
-advance: a \\boxed{} answer split across steps, a delimiter inside a token, max_new_tokens, and the
-worst-case KV blocks the engine reserves for a problem against the blocks a search really used."""
+advance: a \\boxed{} answer split across steps, a delimiter inside a token, and max_new_tokens for
+every algorithm, dead branches and replayed references included."""
 
 import pytest
 from scripted import save_chain_policy, save_table_policy

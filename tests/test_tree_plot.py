@@ -63,3 +63,24 @@ def test_plot_tree_and_the_tree_command_write_pictures(gibbs_result, tmp_path, c
     assert "holds no nodes of problem 3" in capsys.readouterr().err
     assert not (tmp_path / "none.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["from_file.png", "tree.jsonl", "tree.png"]  # no leftovers
+
+
+def test_write_tree_is_whole_or_nothing(gibbs_result, tmp_path, monkeypatch):
+    """A tree file is written whole or not at all: a write that fails part-way (here the disk fills after the
+    first record) leaves the file as it was and nothing beside it."""
+    path = tmp_path / "tree.jsonl"
+    gibbs_result.write_tree(path)
+    before = path.read_bytes()
+    assert before.decode().splitlines() == [json.dumps(r) for r in gibbs_result.tree_records()]
+
+    first = gibbs_result.tree_records()[0]
+
+    def records_then_a_full_disk():
+        yield first
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(gibbs_result), "tree_records", lambda self: records_then_a_full_disk())
+    with pytest.raises(OSError, match="No space left"):
+        gibbs_result.write_tree(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tree.jsonl"]
