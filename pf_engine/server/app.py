@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic.json_schema import models_json_schema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -26,19 +25,13 @@ from pf_engine.api import Engine
 from pf_engine.engine import PEAK_STATS
 from pf_engine.errors import OutOfBlocksError
 from pf_engine.search import SelectionPolicy
+from pf_engine.server import schema
 from pf_engine.server.loop import EngineLoop, QueueFull, Ticket
 from pf_engine.server.protocol import (
-    ChatChunk,
-    ChatCompletion,
     ChatRequest,
-    Completion,
-    CompletionChunk,
     CompletionRequest,
-    ErrorResponse,
-    Health,
     Job,
     Limits,
-    ModelList,
     RequestError,
     bounds,
     check_length,
@@ -49,14 +42,16 @@ from pf_engine.server.protocol import (
     response,
     usage,
 )
+from pf_engine.server.schema import (
+    ChatChunk,
+    ChatCompletion,
+    Completion,
+    CompletionChunk,
+    Health,
+    ModelList,
+)
 
-REFS = "#/components/schemas/"
 MAX_POLICIES = 256  # selection policies kept for reuse: requests of one config end their rounds together
-ERRORS = {400: "the request is refused: the message says why, param names the field",
-          401: "no valid API key (pf-engine serve --api-key): Authorization: Bearer KEY",
-          404: "the model named is not the one served", 429: "the queue is full (--max-queue): try again later",
-          500: "the engine failed on this request (a PRM callable that raised); the server goes on"}
-
 
 class Metrics:
     def __init__(self, loop: EngineLoop):
@@ -183,33 +178,33 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {
-        "type": "string"}}}, "description": "Prometheus' text format"}} | _errors(*auth))
+        "type": "string"}}}, "description": "Prometheus' text format"}} | schema.errors(*auth))
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", responses={200: {"model": ModelList}} | _errors(*auth))
+    @app.get("/v1/models", responses={200: {"model": ModelList}} | schema.errors(*auth))
     async def models():
         return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
                                             "owned_by": "pf_engine", "max_model_len": limits.max_model_len}]}
 
-    searches = _errors(400, *auth, 404, 429, 500)
+    searches = schema.errors(400, *auth, 404, 429, 500)
     # read by parse(); declared here for the schema alone
     budget_header = {"parameters": [{"name": "X-ITS-Budget", "in": "header", "schema": bounds(limits)["budget"],
                                      "description": "its_hub: the number of particles, as the body's budget"}]}
 
     @app.post("/v1/chat/completions", openapi_extra=budget_header,
-              responses={200: {"model": ChatCompletion, "content": _event_stream(ChatChunk)}} | searches)
+              responses={200: {"model": ChatCompletion, "content": schema.event_stream(ChatChunk)}} | searches)
     async def chat_completions(body: ChatRequest, request: Request):
         return await _answer(body, request)
 
     @app.post("/v1/completions", openapi_extra=budget_header,
-              responses={200: {"model": Completion, "content": _event_stream(CompletionChunk)}} | searches)
+              responses={200: {"model": Completion, "content": schema.event_stream(CompletionChunk)}} | searches)
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(body, request)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            _document(FastAPI.openapi(app), limits, api_key is not None)
+            schema.document(FastAPI.openapi(app), limits, api_key is not None)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -298,45 +293,6 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
                 loop.cancel(ticket)
 
     return app
-
-
-def _errors(*statuses: int) -> dict:
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
-
-
-def _event_stream(chunk) -> dict:
-    """A streamed answer (stream: true): server-sent events, each a ``chunk`` as JSON (or an error, where
-    the engine fails), then [DONE]."""
-    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
-        {"$ref": f"{REFS}{chunk.__name__}"}, {"$ref": f"{REFS}ErrorResponse"}]}}
-    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"],
-                                                 "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}}}}
-
-
-def _document(schema: dict, limits: Limits, keyed: bool) -> None:
-    """FastAPI's schema made to say what the server does: no 422 (a body it cannot read is a 400, in
-    OpenAI's shape), the bounds each request field is checked against, and the API key where one is asked."""
-    components = schema["components"]
-    for name in ("HTTPValidationError", "ValidationError"):
-        components["schemas"].pop(name, None)
-    _, chunks = models_json_schema([(ChatChunk, "serialization"), (CompletionChunk, "serialization")],
-                                   ref_template=REFS + "{model}")
-    components["schemas"] |= chunks["$defs"]
-    for model in ("ChatRequest", "CompletionRequest"):
-        properties = components["schemas"][model]["properties"]
-        for name, bound in bounds(limits).items():
-            if name in properties:
-                field = properties[name]
-                nullable = {"type": "null"} in field.get("anyOf", ())
-                properties[name] = {k: field[k] for k in ("title", "description", "default") if k in field} | (
-                    {"anyOf": [bound, {"type": "null"}]} if nullable else bound)
-    for path, operations in schema["paths"].items():
-        for operation in operations.values():
-            operation["responses"].pop("422", None)
-            if keyed and path != "/health":
-                operation["security"] = [{"api_key": []}]
-    if keyed:
-        components["securitySchemes"] = {"api_key": {"type": "http", "scheme": "bearer"}}
 
 
 def _sse(body: dict) -> str:
