@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import DTYPES, add_device_args, device_and_dtype, machine  # bench/ is the script's path
 
 HERE = Path(__file__).resolve().parent
 STEP_TAG, GOOD, BAD, DELIMITER = "\n", "+", "-", "\n\n"
@@ -119,8 +120,10 @@ class VllmBackend(_Counters):
 
         self.SamplingParams = SamplingParams
         began = time.perf_counter()
-        self.llm = LLM(model=job["model"], dtype="float32", enable_prefix_caching=True, seed=job["seed"],
-                       logprobs_mode="processed_logprobs", max_model_len=job["max_model_len"])
+        # the same dtype and, on a GPU, the same KV bytes as pf_engine's pool (on the CPU: VLLM_CPU_KVCACHE_SPACE)
+        pool = {"kv_cache_memory_bytes": job["kv_cache_mib"] << 20} if job["device"].startswith("cuda") else {}
+        self.llm = LLM(model=job["model"], dtype=job["dtype"], enable_prefix_caching=True, seed=job["seed"],
+                       logprobs_mode="processed_logprobs", max_model_len=job["max_model_len"], **pool)
         self.startup_seconds = time.perf_counter() - began
         self.tokenizer = self.llm.get_tokenizer()
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
@@ -170,7 +173,9 @@ class HfBackend(_Counters):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        self.device = torch.device(job["device"])
+        self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=DTYPES[job["dtype"]]).to(self.device)
+        self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(job["model"])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else job["eos_ids"][0]
         self.eos_ids = set(job["eos_ids"])
@@ -183,8 +188,8 @@ class HfBackend(_Counters):
 
     def _batch(self, seqs):
         width = max(map(len, seqs))
-        ids = self.torch.tensor([[self.pad] * (width - len(s)) + s for s in seqs])
-        mask = self.torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        ids = self.torch.tensor([[self.pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = self.torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         return ids, mask
 
     def generate(self, seqs, seeds, limits):
@@ -248,8 +253,9 @@ def make_job(args) -> tuple[dict, object]:
     from pf_engine.models.smollm2 import smollm2_path
 
     model = str(args.policy or smollm2_path())
+    device, dtype = device_and_dtype(args)
     engine = Engine(policy=model, prm=model, prm_step_tag=STEP_TAG, prm_good=GOOD, prm_bad=BAD,
-                    kv_cache_memory=args.kv_cache_mib << 20)
+                    kv_cache_memory=args.kv_cache_mib << 20, device=device, dtype=dtype)
     problems = load_problems(files("pf_engine") / "data" / "arithmetic.jsonl")[: args.problems]
     questions = [DEMO_INSTRUCTION.format(problem=p["problem"]) for p in problems]
     core = engine.core
@@ -259,7 +265,7 @@ def make_job(args) -> tuple[dict, object]:
         "prm_prompts": [core.prm_prompt_ids(q) for q in questions],
         "tag": core.prm.marker_id, "good": int(core.prm.pair[0]), "bad": int(core.prm.pair[1]),
         "eos_ids": sorted(core.eos_ids), "max_step_tokens": args.max_step_tokens, "seed": args.seed,
-        "kv_cache_mib": args.kv_cache_mib,
+        "kv_cache_mib": args.kv_cache_mib, "device": str(device), "dtype": args.dtype,
         "kv_bytes_per_token": engine.policy.kv_cache.bytes_per_block // engine.block_size,
         "max_model_len": max(map(len, prompts)) + 2 * args.max_step_tokens * max(args.steps) + 64,
         "configs": sorted({(n, args.fixed_steps) for n in args.particles}
@@ -384,6 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["vllm", "transformers"])
     parser.add_argument("--out", default=str(HERE / "out" / "pf_vs_vllm"))
+    add_device_args(parser)
     args = parser.parse_args(argv)
     if args.worker:
         worker(*args.worker)
@@ -423,10 +430,8 @@ def main(argv=None) -> int:
     others = {way: medians(runs[way]) if runs.get(way) and runs[way][-1] is not None else None
               for way in ("vllm", "transformers")}
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    machine = f"{os.cpu_count()} CPUs, {gpu}"
     report = "\n".join([
-        f"# pf_engine vs vLLM vs transformers: particle filtering, {machine}",
+        f"# pf_engine vs vLLM vs transformers: particle filtering, {machine(*device_and_dtype(args))}",
         "",
         f"{len(job['prompts'])} problems, <= {args.max_step_tokens} tokens per step, temperature {TEMPERATURE}, "
         f"model {Path(job['model']).name} (policy and token-pair PRM); medians of {args.repeats} alternating runs. "

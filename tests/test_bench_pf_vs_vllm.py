@@ -7,6 +7,7 @@ its part is exercised by running the benchmark, not here.
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_pf_vs_vllm.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(BENCH.parent))  # the script's own path, as when it is run: its helpers (common.py)
     spec = importlib.util.spec_from_file_location("bench_pf_vs_vllm", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -59,7 +61,7 @@ def test_baseline_prm_reads_the_reward_pf_engine_reads(bench, policy):
     """Same tokens in, same reward out: softmax over the (good, bad) logits at the tag, taken at good."""
     job, engine = bench.make_job(type("Args", (), dict(policy=policy, problems=1, kv_cache_mib=64, max_step_tokens=6,
                                                        seed=0, steps=[1], particles=[2], fixed_steps=1,
-                                                       fixed_particles=2))())
+                                                       fixed_particles=2, device="cpu", dtype="float32"))())
     steps = [engine.core.prm_tokenizer.encode(s, add_special_tokens=False) for s in ("1+1=2\n\n", "so 2\n\n")]
     theirs = bench.HfBackend(job).prm([job["prm_prompts"][0] + steps[0] + [job["tag"]] + steps[1] + [job["tag"]]])
     prm = engine.core.prm
