@@ -4,7 +4,8 @@ resubmission loop on the same problems, the same model, KV memory and dtype.
 Work: 32 arithmetic word problems of mixed prompt lengths (the shipped problems,
 some behind a worked example or two), N = 16 particles, at most 12 steps of at most
 64 tokens ending at a blank line, temperature 0.8, the arithmetic rule verifier as
-the PRM, systematic resampling after every step; SmolLM2-135M-Instruct in float32.
+the PRM, systematic resampling after every step; SmolLM2-135M-Instruct in float32
+(--dtype, --device: both ways run in the same dtype).
 
   pf_engine   Engine.solve with its default KV pool (1 GiB on the CPU): continuous
               batching over all problems, prompts prefilled once and forked
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench_pf_vs_vllm import DELIMITER, TEMPERATURE, VllmBackend, baseline_pf  # bench/ is the script's path
+from common import add_device_args, device_and_dtype, machine
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,6 +106,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", default=str(HERE / ".vllm-venv" / "bin" / "python"))
     parser.add_argument("--out", default=str(HERE / "out" / "scale"))
+    add_device_args(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -115,13 +118,14 @@ def main() -> int:
     from pf_engine.verifiers import arithmetic_verifier
 
     torch.set_num_threads(os.cpu_count() or 1)
-    job = make_job(args)
-    engine = Engine(prm=arithmetic_verifier)  # the default pool
+    device, dtype = device_and_dtype(args)
+    job = make_job(args) | {"device": str(device), "dtype": args.dtype}
+    engine = Engine(prm=arithmetic_verifier, device=device, dtype=dtype)  # the default pool
     kv_gib = engine.kv_cache_memory / 2**30
-    dtype = engine.policy.kv_cache.kv.dtype
     tokenizer = engine.core.tokenizer
     job |= {"prompts": [engine.core.prompt_ids(q) for q in job["questions"]], "eos_ids": sorted(engine.core.eos_ids),
             "kv_bytes_per_token": engine.policy.kv_cache.bytes_per_block // engine.block_size,
+            "kv_cache_mib": engine.kv_cache_memory >> 20,
             "max_model_len": max(len(engine.core.prompt_ids(q)) for q in job["questions"])
             + args.steps * args.step_tokens + 64}
     out_dir = Path(args.out)
@@ -130,7 +134,7 @@ def main() -> int:
     job_path.write_text(json.dumps(job))
     print(f"{args.problems} problems (prompts {min(map(len, job['prompts']))}-{max(map(len, job['prompts']))} "
           f"tokens), N={args.particles}, <= {args.steps} steps x {args.step_tokens} tokens, rule verifier, "
-          f"{dtype}, KV pool {kv_gib:g} GiB each, {os.cpu_count()} CPUs, tokenizer vocab {len(tokenizer)}", flush=True)
+          f"KV pool {kv_gib:g} GiB each, tokenizer vocab {len(tokenizer)}, on {machine(device, dtype)}", flush=True)
 
     log = open(out_dir / "vllm_worker.log", "w")
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": f"{kv_gib:g}"}

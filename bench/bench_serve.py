@@ -3,11 +3,11 @@ problems through ``Engine.solve`` in one call, on the same model, KV memory and 
 
 Work: the shipped arithmetic problems behind the demo's instruction, particle filtering with
 N = 4 particles, at most 6 steps of at most 32 tokens, the arithmetic rule verifier as the PRM,
-SmolLM2-135M-Instruct in float32, each request with its own seed. At concurrency C, C clients
-(``openai.AsyncOpenAI``) send 2C requests (at least 8) to a ``pf-engine serve`` process on
-127.0.0.1; the baseline solves the same problems with the same seeds in one ``Engine.solve``
-call in this process. The two ways alternate (A B, then B A, ...) and medians are reported;
-the server's start-up is reported, not timed.
+SmolLM2-135M-Instruct in float32 (--dtype, --device: both ways alike), each request with its
+own seed. At concurrency C, C clients (``openai.AsyncOpenAI``) send 2C requests (at least 8)
+to a ``pf-engine serve`` process on 127.0.0.1; the baseline solves the same problems with the
+same seeds in one ``Engine.solve`` call in this process. The two ways alternate (A B, then
+B A, ...) and medians are reported; the server's start-up is reported, not timed.
 
 Figures: requests per minute and p50 / p95 request latency through the server, requests per
 minute offline, their ratio, and how many served answers equal the offline ones.
@@ -25,6 +25,7 @@ import time
 
 import httpx2 as httpx
 import openai
+from common import add_device_args, device_and_dtype, machine  # bench/ is the script's path
 
 PARTICLES, STEPS, STEP_TOKENS = 4, 6, 32
 FLAGS = ["--verifier", "arithmetic", "--particles", str(PARTICLES), "--max-steps", str(STEPS), "--max-step-tokens",
@@ -76,7 +77,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--port", type=int, default=8321)
+    add_device_args(parser)
     args = parser.parse_args()
+    device, dtype = device_and_dtype(args)
 
     from pf_engine import Engine
     from pf_engine.verifiers import arithmetic_verifier
@@ -84,7 +87,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{args.port}"
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "pf_engine.cli", "serve", "--port", str(args.port),
-                               "--log-level", "warning", *FLAGS], cwd=tempfile.gettempdir())  # not the source folder
+                               "--log-level", "warning", "--device", str(device), "--dtype", args.dtype, *FLAGS],
+                              cwd=tempfile.gettempdir())  # not the source folder
     try:
         while True:
             if server.poll() is not None:
@@ -95,7 +99,7 @@ def main() -> int:
             except httpx.HTTPError:
                 time.sleep(0.5)
         print(f"server ready in {time.perf_counter() - start:.1f} s (not timed)")
-        engine = Engine(prm=arithmetic_verifier, kv_cache_memory=1 << 30)
+        engine = Engine(prm=arithmetic_verifier, kv_cache_memory=1 << 30, device=device, dtype=dtype)
         rows = []
         for concurrency in args.concurrency:
             prompts = questions(max(8, 2 * concurrency))
@@ -118,8 +122,8 @@ def main() -> int:
             latencies.sort()
             p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
             rows.append((concurrency, count, served_rpm, statistics.median(latencies), p95, offline_rpm, equal))
-        print(f"\nSmolLM2-135M-Instruct fp32, particle filtering N={PARTICLES}, {STEPS} x {STEP_TOKENS} tokens, "
-              f"1 GiB KV each way, medians of {args.repeats} alternating runs")
+        print(f"\nSmolLM2-135M-Instruct, particle filtering N={PARTICLES}, {STEPS} x {STEP_TOKENS} tokens, "
+              f"1 GiB KV each way, medians of {args.repeats} alternating runs, on {machine(device, dtype)}")
         print(f"{'clients':>7} {'requests':>8} {'served req/min':>14} {'p50 s':>6} {'p95 s':>6} "
               f"{'Engine.solve req/min':>20} {'served/solve':>12} {'same answers':>12}")
         for concurrency, count, rpm, p50, p95, base, equal in rows:

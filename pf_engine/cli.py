@@ -268,7 +268,10 @@ def load_engine(args):
     if args.prm_format is not None and args.prm is None:
         raise ValueError("--prm-format describes a PRM checkpoint: pass --prm PATH with it")
     prm = load_verifier(args.verifier) if args.verifier is not None else args.prm
-    return Engine(policy=args.policy, prm=prm, device=check_device(args.device),
+    import torch
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    return Engine(policy=args.policy, prm=prm, device=check_device(args.device), dtype=dtype,
                   kv_cache_memory=args.kv_cache_mib << 20, prm_format=args.prm_format, orm=args.orm)
 
 
@@ -553,6 +556,9 @@ def build_parser() -> Parser:
                         "classification, one label): scores each final answer; ranks best_of_n without a PRM; "
                         "--final-answer outcome")
     shared.add_argument("--device", default="cpu")
+    shared.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="the models' weights and KV caches (default: float32 on the CPU, the checkpoint's "
+                             "dtype on a GPU)")
     shared.add_argument("--kv-cache-mib", type=positive_int, default=1024)
     shared.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
                         help="a system prompt the method's authors used (qwen2.5-math: the paper's)")

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import VARYING_VERIFIER, assert_resampled, varying_reward
 
 from pf_engine.cli import build_parser, field_flag, load_problems, main, search_config
@@ -325,19 +326,24 @@ def test_every_search_field_has_a_flag_with_its_docstring(command):
         assert config == replace(defaults, **{name: expected}), name
 
 
-def test_solve_equals_the_api_under_a_varying_prm(policy, tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["default dtype", "--dtype bfloat16"])
+def test_solve_equals_the_api_under_a_varying_prm(policy, tmp_path, dtype):
     problems = [{"problem": "2+2?", "answer": "4"}, {"question": "3+4?"}, {"problem": "Is 9 odd?"}]
     path = write_jsonl(tmp_path / "p.jsonl", problems)
     out, tree = tmp_path / "out.jsonl", tmp_path / "tree.jsonl"
     flags = ["--particles", "4", "--max-steps", "4", "--max-step-tokens", "5", "--max-new-tokens", "16",
-             "--kv-cache-mib", "8", "--seed", "3", "--aggregation", "min", "--final-answer", "vote"]
+             "--kv-cache-mib", "8", "--seed", "3", "--aggregation", "min", "--final-answer", "vote",
+             *(["--dtype", dtype] if dtype else [])]
     assert main(solve_args(policy, path, out, "--verifier", VARYING_VERIFIER, "--tree", str(tree), *flags)) == 0
     from pf_engine.api import Engine
     from pf_engine.search import SearchConfig
 
     config = SearchConfig(num_particles=4, max_steps=4, max_step_tokens=5, max_new_tokens=16, seed=3,
                           aggregation="min", final_answer="vote")
-    expected = Engine(policy=policy, prm=varying_reward, kv_cache_memory=8 << 20).solve(problems, config)
+    engine = Engine(policy=policy, prm=varying_reward, kv_cache_memory=8 << 20, dtype=dtype and getattr(torch, dtype))
+    assert engine.identity["dtype"] == str(engine.policy.kv_cache.kv.dtype) and (dtype or "float32") in str(
+        engine.policy.kv_cache.kv.dtype)
+    expected = engine.solve(problems, config)
     assert_resampled(expected)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["text"], r["answer"], r["weights"], r["steps"]) for r in records] == [
