@@ -4,7 +4,9 @@
 - ``HAS_CUDA_EXT``: ``pf_engine._C_cuda`` (CUDA copy kernels) was built here.
 - ``HAS_TRITON`` / ``TRITON_INTERPRET``: Triton importable; kernels run under
   its CPU interpreter when ``TRITON_INTERPRET=1`` was set before import.
-- ``HAS_FLASHINFER``: flashinfer importable (every call of it needs CUDA).
+- ``HAS_FLASHINFER``: flashinfer imports here (every call of it needs CUDA). Asked on first
+  use, not at import, since importing flashinfer is heavy; an installed flashinfer that fails to
+  import warns once, naming the error, and counts as absent (``flashinfer_import_error``).
 - ``NATIVE_THREADS``: where the native CPU passes (attention, draws) run their threads:
   on torch's own OpenMP runtime where it can be found, else on threads of their own.
 - ``block_copy_impl`` / ``resample_impl`` / ``linear_impl``: which code copies KV
@@ -13,6 +15,7 @@
 """
 
 import ctypes
+import functools
 import importlib.util
 import os
 import warnings
@@ -36,7 +39,32 @@ except ImportError:
 HAS_CUDA_EXT = _C_cuda is not None
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+
+
+@functools.cache
+def flashinfer_import_error() -> str | None:
+    """Why flashinfer cannot be used here, or None when it imports. Decided once per process.
+
+    Not installed is quiet; installed but failing to import (a missing CUDA library, a
+    mismatched torch) warns once with the error, and the "auto" backend falls back to torch.
+    """
+    if importlib.util.find_spec("flashinfer") is None:
+        return "flashinfer is not installed (pip install \".[cuda]\")"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as exc:  # a broken install raises OSError or RuntimeError as well as ImportError
+        error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"flashinfer is installed but failed to import ({error}); "
+                      "attention falls back to the torch backend", stacklevel=2)
+        return error
+    return None
+
+
+def __getattr__(name: str):
+    # HAS_FLASHINFER is computed on first access, so `import pf_engine` never imports flashinfer
+    if name == "HAS_FLASHINFER":
+        return flashinfer_import_error() is None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _torch_openmp() -> ctypes.CDLL | None:
@@ -124,5 +152,5 @@ def summary() -> dict:
         "CUDA device": torch.cuda.is_available(),
         "Triton": HAS_TRITON,
         "Triton interpreter": TRITON_INTERPRET,
-        "flashinfer": HAS_FLASHINFER,
+        "flashinfer": flashinfer_import_error() is None,
     }

@@ -11,7 +11,7 @@ from pf_engine.attention.torch_backend import TorchBackend
 
 
 def get_backend(name: str, device):
-    """The backend called ``name`` ("auto": flashinfer on CUDA where installed, else torch)."""
+    """The backend called ``name`` ("auto": flashinfer on CUDA where it imports, else torch)."""
     import torch
 
     from pf_engine import _native
@@ -28,8 +28,10 @@ def get_backend(name: str, device):
             raise ValueError("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU")
         return TritonBackend()
     if name == "flashinfer":
-        if device.type != "cuda" or not _native.HAS_FLASHINFER:
-            raise ValueError("the flashinfer backend needs a CUDA device and the flashinfer package")
+        if device.type != "cuda":
+            raise ValueError("the flashinfer backend needs a CUDA device")
+        if not _native.HAS_FLASHINFER:
+            raise ValueError(f"the flashinfer backend needs flashinfer: {_native.flashinfer_import_error()}")
         from pf_engine.attention.flashinfer_backend import FlashInferBackend
 
         return FlashInferBackend(device)
