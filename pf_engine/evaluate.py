@@ -18,7 +18,6 @@ A run whose settings differ from the folder's is refused before any work (``fres
 the folder over); a problem whose record changed is computed afresh under its new name.
 """
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -26,14 +25,10 @@ from pathlib import Path
 
 import pf_engine
 from pf_engine.answers import is_correct
-from pf_engine.files import replace_atomically, write_atomically
+from pf_engine.files import digest, replace_atomically, write_atomically
 from pf_engine.search import SearchConfig
 
 PER_PAIR = ("algorithm", "num_particles", "beam_width")  # fields eval sets for each (algorithm, N)
-
-
-def digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def eval_settings(engine, base: SearchConfig) -> dict:

@@ -4,6 +4,7 @@ that key caches of results by the models that made them."""
 
 import hashlib
 import inspect
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -52,6 +53,11 @@ def write_all_atomically(files: dict) -> None:
                 os.unlink(tmp)
 
 
+def digest(value) -> str:
+    """A short hash of a JSON-serializable value, the same for equal values (keys sorted)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(source) -> dict | str | None:
     """What identifies a model or a verifier, for caches of its results: a checkpoint folder by its
     resolved path and each file's name, size and modification time (a rewritten weight file changes
@@ -63,10 +69,10 @@ def fingerprint(source) -> dict | str | None:
         folder = Path(source).resolve()
         listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
                          for p in folder.rglob("*") if p.is_file())
-        return {"path": str(folder), "files": hashlib.sha256(repr(listing).encode()).hexdigest()[:16]}
+        return {"path": str(folder), "files": digest(listing)}
     if callable(source) and hasattr(source, "__qualname__"):
         try:
-            code = hashlib.sha256(inspect.getsource(source).encode()).hexdigest()[:16]
+            code = digest(inspect.getsource(source))
         except (OSError, TypeError):
             code = None
         return {"callable": f"{source.__module__}:{source.__qualname__}", "source": code}
