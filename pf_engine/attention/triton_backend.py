@@ -17,6 +17,8 @@ class TritonDecodePlan:
 
 
 class TritonBackend:
+    """An AttentionBackend: decode batches through TritonDecodePlan, everything else through TorchPlan."""
+
     name = "triton"
 
     def plan(self, meta: AttentionMetadata, scale: float, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype):
