@@ -48,15 +48,24 @@ DEMO_INSTRUCTION = ("Solve the problem step by step. Put each step on its own li
 def selfcheck(args) -> int:
     """Say what this install runs on the device; then share, fork, resample and copy-on-write a
     small KV cache there and check that every token reads back."""
-    import numpy as np
     import torch
 
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _print_install(device)
+    failure = _kv_cache_failure(device)
+    if failure is not None:
+        print(f"FAILED: {failure}")
+        return 1
+    print("self-check passed: 8 particles forked, resampled and extended with copy-on-write; "
+          "every token read back")
+    return 0
+
+
+def _print_install(device) -> None:
+    """The native parts installed, and the attention backend and kernels used on ``device``."""
     from pf_engine import _native
     from pf_engine.attention import get_backend
-    from pf_engine.errors import OutOfBlocksError
-    from pf_engine.kv_cache import KVCache
 
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print("installed:")
     for name, present in _native.summary().items():
         print(f"  {name:<22} {'yes' if present else 'no'}")
@@ -64,8 +73,45 @@ def selfcheck(args) -> int:
     uses = {"attention backend": get_backend("auto", device).name} | _native.kernels(device)
     for name, impl in uses.items():
         print(f"  {name:<22} {impl}")
+
+
+def _kv_cache_failure(device) -> str | None:
+    """What went wrong when 8 particles share a prompt's blocks, fork, resample and append to a small
+    KV cache on ``device`` (every token must read back, an oversized allocation must raise, every
+    block must come back); None if nothing did."""
+    import torch
+
+    from pf_engine.errors import OutOfBlocksError
+    from pf_engine.kv_cache import KVCache
+
     cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=64, block_size=4, dtype=torch.float32,
                     device=device)
+    bm = cache.manager
+    particles, tokens = _fork_resample_extend(cache, device)
+    for seq_id in particles:
+        for layer in range(2):
+            k, v = cache.read(layer, seq_id)
+            if not (torch.equal(k[:, 0, 0], tokens[seq_id]) and torch.equal(v, -k)):
+                return f"sequence {seq_id} reads back other tokens than it wrote"
+    try:
+        bm.allocate(10_000)
+        return "an oversized allocation did not raise OutOfBlocksError"
+    except OutOfBlocksError:
+        pass
+    for seq_id in particles:
+        bm.free(seq_id)
+    if bm.num_free_blocks != bm.num_blocks:
+        return f"{bm.num_blocks - bm.num_free_blocks} blocks leaked"
+    return None
+
+
+def _fork_resample_extend(cache, device) -> tuple[list[int], dict]:
+    """A 6-token prompt in ``cache``, forked into 8 particles that append 3 tokens each, resampled
+    (ancestors 0 0 0 2 2 5 7 7), then 5 tokens more each: the particles' seq_ids, and seq_id -> the
+    values written to it, one per token (each token's K is its value, its V minus that)."""
+    import numpy as np
+    import torch
+
     bm = cache.manager
     tokens = {}  # seq_id -> values written, one per token
 
@@ -93,26 +139,7 @@ def selfcheck(args) -> int:
     particles = list(bm.resample(particles, ancestors))
     tokens = {child: tokens[parent] for child, parent in zip(particles, parents, strict=True)}
     write(particles, [5] * 8)
-    for seq_id in particles:
-        for layer in range(2):
-            k, v = cache.read(layer, seq_id)
-            if not (torch.equal(k[:, 0, 0], tokens[seq_id]) and torch.equal(v, -k)):
-                print(f"FAILED: sequence {seq_id} reads back other tokens than it wrote")
-                return 1
-    try:
-        bm.allocate(10_000)
-        print("FAILED: an oversized allocation did not raise OutOfBlocksError")
-        return 1
-    except OutOfBlocksError:
-        pass
-    for seq_id in particles:
-        bm.free(seq_id)
-    if bm.num_free_blocks != bm.num_blocks:
-        print(f"FAILED: {bm.num_blocks - bm.num_free_blocks} blocks leaked")
-        return 1
-    print("self-check passed: 8 particles forked, resampled and extended with copy-on-write; "
-          "every token read back")
-    return 0
+    return particles, tokens
 
 
 def load_problems(path) -> list[dict]:
@@ -370,19 +397,13 @@ def demo(args) -> int:
     from importlib.resources import files
 
     from rich.console import Console
-    from rich.table import Table
 
-    from pf_engine.answers import is_correct
-    from pf_engine.api import Engine
-    from pf_engine.models.smollm2 import smollm2_path
     from pf_engine.savings import count_savings
     from pf_engine.search.config import SearchConfig
     from pf_engine.tree_plot import plot_tree
-    from pf_engine.verifiers import arithmetic_verifier
 
     tree_out = output_path("--tree-out", args.tree_out)
     problems = load_problems(files("pf_engine") / "data" / "arithmetic.jsonl")[: args.problems]
-    questions = [DEMO_INSTRUCTION.format(problem=p["problem"]) for p in problems]
     common = dict(max_new_tokens=args.max_new_tokens, max_step_tokens=64, max_steps=12, temperature=0.7, seed=args.seed)
     pf = SearchConfig(algorithm="particle_filter", num_particles=args.particles, **common)
     device = check_device(args.device)
@@ -392,18 +413,46 @@ def demo(args) -> int:
           "Accuracy gains need a real policy and PRM on a GPU (pf-engine eval).")
     print(f"{len(problems)} arithmetic word problems, {args.particles} particles, at most {args.max_new_tokens} "
           f"new tokens per particle")
+    methods = _demo_methods(args.particles, common, pf, device)
+    console = Console(width=max(120, Console().width))  # the tables' rows on one line each
+    results = _demo_comparison(console, methods, problems)
+    name, model_prm, _ = methods[-1]
+    console.print(_savings_table(count_savings(model_prm, results), name))
+    shown = max(range(len(results)), key=lambda i: len(results[i].tree))  # the widest search
+    plot_tree(results[shown].tree_records(), tree_out, title=problems[shown]["problem"])
+    print(f"the search tree of problem {shown} (particle filtering, SmolLM2 as PRM): {tree_out}")
+    return 0
+
+
+def _demo_methods(particles: int, common: dict, pf, device) -> list[tuple]:
+    """The demo's (name, engine, config) rows: one sample, best-of-N and particle filtering under the
+    rule verifier, then particle filtering under a model PRM (whose savings the demo counts)."""
+    from pf_engine.api import Engine
+    from pf_engine.models.smollm2 import smollm2_path
+    from pf_engine.search.config import SearchConfig
+    from pf_engine.verifiers import arithmetic_verifier
+
     verified = Engine(prm=arithmetic_verifier, device=device)
     # the policy read as its own token-pair PRM (after each step "\n": reward = p("+") against p("-")),
     # a model PRM with its own KV cache, to count what incremental scoring saves
     model_prm = Engine(prm=smollm2_path(), prm_step_tag="\n", prm_good="+", prm_bad="-", device=device)
-    methods = [
+    return [
         ("single sample", verified, SearchConfig(algorithm="self_consistency", num_particles=1, **common)),
-        (f"best-of-{args.particles}, rule verifier", verified,
-         SearchConfig(algorithm="best_of_n", num_particles=args.particles, **common)),
-        (f"particle filtering ({args.particles}), rule verifier", verified, pf),
-        (f"particle filtering ({args.particles}), SmolLM2 as PRM", model_prm, pf),
+        (f"best-of-{particles}, rule verifier", verified,
+         SearchConfig(algorithm="best_of_n", num_particles=particles, **common)),
+        (f"particle filtering ({particles}), rule verifier", verified, pf),
+        (f"particle filtering ({particles}), SmolLM2 as PRM", model_prm, pf),
     ]
-    console = Console(width=max(120, Console().width))  # the tables' rows on one line each
+
+
+def _demo_comparison(console, methods: list[tuple], problems: list[dict]) -> list:
+    """Runs each method on the problems and prints their accuracy, tokens and seconds; the last
+    method's results."""
+    from rich.table import Table
+
+    from pf_engine.answers import is_correct
+
+    questions = [DEMO_INSTRUCTION.format(problem=p["problem"]) for p in problems]
     table = Table(title="Same problems, same per-particle token budget")
     for column in ("method", "accuracy", "tokens generated", "seconds"):
         table.add_column(column, justify="right")
@@ -415,8 +464,15 @@ def demo(args) -> int:
         table.add_row(name, f"{correct}/{len(problems)} = {correct / len(problems):.0%}",
                       str(_total(results, "tokens_generated")), f"{seconds:.1f}")
     console.print(table)
-    saved = count_savings(model_prm, results)
-    table = Table(title=f"What the engine saved in the last run ({methods[-1][0]}), counted")
+    return results
+
+
+def _savings_table(saved, name: str):
+    """What the engine saved in the run ``name`` (pf_engine.savings.Savings), beside what it would cost
+    without sharing."""
+    from rich.table import Table
+
+    table = Table(title=f"What the engine saved in the last run ({name}), counted")
     for column in ("", "pf_engine", "without sharing", "ratio"):
         table.add_column(column, justify="right")
     for what, ours, theirs, how in (
@@ -428,11 +484,7 @@ def demo(args) -> int:
              "shared, forked | each particle its own copy")):
         table.add_row(what, f"{ours:,}", f"{theirs:,}", f"{theirs / max(ours, 1):.1f}x")
         table.add_row(f"[dim]{how}[/dim]", "", "", "")
-    console.print(table)
-    shown = max(range(len(results)), key=lambda i: len(results[i].tree))  # the widest search
-    plot_tree(results[shown].tree_records(), tree_out, title=problems[shown]["problem"])
-    print(f"the search tree of problem {shown} (particle filtering, SmolLM2 as PRM): {tree_out}")
-    return 0
+    return table
 
 
 class Parser(argparse.ArgumentParser):
@@ -529,19 +581,20 @@ def serve(args) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="pf-engine", description="Particle-filtering inference-time scaling.")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("selfcheck", help="say what this install runs, and check the block manager and KV cache")
-    c.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
+    models, problems = _model_flags(), _problems_flag()
+    _add_selfcheck(sub)
+    _add_demo(sub)
+    _add_solve(sub, [problems, models])
+    _add_eval(sub, [problems, models])
+    _add_synthesize(sub, [problems, models])
+    _add_serve(sub, [models])
+    _add_tree(sub)
+    return parser
 
-    d = sub.add_parser("demo", help="single sample vs best-of-N vs particle filtering on the embedded model")
-    d.add_argument("--particles", type=int, default=4)
-    d.add_argument("--problems", type=positive_int, default=12, help="how many of the shipped problems")
-    d.add_argument("--max-new-tokens", type=int, default=160)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--tree-out", default=str(Path(tempfile.gettempdir()) / "pf-engine-demo-tree.png"),
-                   help="where the picture of one problem's search tree goes (default: the temp folder)")
 
-    shared = argparse.ArgumentParser(add_help=False)  # the models and the search: what solve, eval and serve take
+def _model_flags() -> argparse.ArgumentParser:
+    """The models and the search: the flags solve, eval, synthesize and serve share."""
+    shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--policy", default=None,
                         help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     group = shared.add_mutually_exclusive_group()
@@ -562,16 +615,40 @@ def build_parser() -> Parser:
     shared.add_argument("--kv-cache-mib", type=positive_int, default=1024)
     shared.add_argument("--prompt-preset", choices=sorted(PROMPT_PRESETS),
                         help="a system prompt the method's authors used (qwen2.5-math: the paper's)")
+    return shared
 
+
+def _problems_flag() -> argparse.ArgumentParser:
     problems = argparse.ArgumentParser(add_help=False)
     problems.add_argument("--problems", required=True, help='JSONL, one {"problem" or "question", "answer"?} per line')
-    s = sub.add_parser("solve", parents=[problems, shared], help="solve a JSONL file of problems")
+    return problems
+
+
+def _add_selfcheck(sub) -> None:
+    c = sub.add_parser("selfcheck", help="say what this install runs, and check the block manager and KV cache")
+    c.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
+
+
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="single sample vs best-of-N vs particle filtering on the embedded model")
+    d.add_argument("--particles", type=int, default=4)
+    d.add_argument("--problems", type=positive_int, default=12, help="how many of the shipped problems")
+    d.add_argument("--max-new-tokens", type=int, default=160)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--tree-out", default=str(Path(tempfile.gettempdir()) / "pf-engine-demo-tree.png"),
+                   help="where the picture of one problem's search tree goes (default: the temp folder)")
+
+
+def _add_solve(sub, parents: list) -> None:
+    s = sub.add_parser("solve", parents=parents, help="solve a JSONL file of problems")
     s.add_argument("--out", required=True, help="JSONL of answers, written whole or not at all")
     s.add_argument("--tree", default=None, help="also write every step of every particle as JSONL")
     add_search_flags(s)
 
-    e = sub.add_parser("eval", parents=[problems, shared],
-                       help="accuracy against N for each algorithm (a scaling curve)")
+
+def _add_eval(sub, parents: list) -> None:
+    e = sub.add_parser("eval", parents=parents, help="accuracy against N for each algorithm (a scaling curve)")
     e.add_argument("--out-dir", required=True, help="results.json, results.png, settings.json and the per-problem "
                    "cache; a rerun with the same settings resumes from the cache")
     e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
@@ -580,7 +657,9 @@ def build_parser() -> Parser:
                    "whose settings differ from the folder's is refused without it)")
     add_search_flags(e, skip=("algorithm", "num_particles"))
 
-    y = sub.add_parser("synthesize", parents=[problems, shared], help="reasoning data from search: D-verified, "
+
+def _add_synthesize(sub, parents: list) -> None:
+    y = sub.add_parser("synthesize", parents=parents, help="reasoning data from search: D-verified, "
                        "D-stitch, D-backtrack, D-but-wait as chat JSONL for SFT")
     y.add_argument("--out-dir", required=True, help="one <dataset>.jsonl each, written whole or not at all")
     y.add_argument("--datasets", nargs="+", default=["verified", "stitch", "backtrack", "but-wait"],
@@ -597,7 +676,9 @@ def build_parser() -> Parser:
     y.add_argument("--waits", type=positive_int, default=1, help="but-wait: wait phrases per record")
     add_search_flags(y, defaults={"num_particles": 16}, skip=("algorithm",))  # each dataset's recipe picks it
 
-    v = sub.add_parser("serve", parents=[shared], help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
+
+def _add_serve(sub, parents: list) -> None:
+    v = sub.add_parser("serve", parents=parents, help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
                        "/v1/completions); the search flags are each request's defaults")
     add_search_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
@@ -617,12 +698,17 @@ def build_parser() -> Parser:
                    help="seconds between a streamed request's progress events")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
+
+def _add_tree(sub) -> None:
     t = sub.add_parser("tree", help="draw one problem's search tree from a --tree JSONL")
     t.add_argument("tree_file", metavar="TREE.jsonl")
     t.add_argument("--problem", type=int, default=0, help="its index in the problems file (default 0)")
     t.add_argument("--out", required=True, help="the picture (PNG, SVG or PDF)")
 
-    return parser
+
+# each subcommand's handler: args -> exit status; build_parser adds its flags
+COMMANDS = {"selfcheck": selfcheck, "demo": demo, "solve": solve, "eval": evaluate_command, "tree": tree,
+            "serve": serve, "synthesize": synthesize_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,8 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad option (already reported)
         return exc.code
     try:
-        return {"selfcheck": selfcheck, "demo": demo, "solve": solve, "eval": evaluate_command,
-                "tree": tree, "serve": serve, "synthesize": synthesize_command}[args.command](args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"pf-engine {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -137,7 +137,6 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
     loop = EngineLoop(engine, max_queue, progress_interval, max_running)
     metrics = Metrics(loop)
     loop.on_finish = metrics.finished
-    policies: dict = {}
     paths: set[str] = set()  # the routes, filled below: /metrics labels other paths "other"
     auth = (401,) if api_key is not None else ()
 
@@ -150,28 +149,45 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
     app = FastAPI(title="pf_engine", summary="particle-filtering inference-time scaling, OpenAI-compatible",
                   lifespan=lifespan)
     app.state.loop, app.state.metrics = loop, metrics
-
     app.add_middleware(_AuthorizeAndCount, api_key=api_key, counter=metrics.requests, paths=paths)
+    _add_error_handlers(app)
+    _add_info_routes(app, limits, metrics, auth)
+    _add_search_routes(app, _Searches(engine, limits, loop, progress_interval), auth)
+    _add_openapi(app, limits, keyed=api_key is not None)
+    paths.update(route.path for route in app.routes)
+    return app
 
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error",
-                                           None, "invalid_json"), status_code=400)
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(where) or None
-        return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param,
-                                       "invalid_value"), status_code=400)
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error shape: the server's own, pydantic's (400, not FastAPI's 422) and
+    Starlette's (404, 405)."""
+    app.add_exception_handler(RequestError, _refused)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, str(exc.status_code)),
-                            status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
+
+async def _refused(request: Request, exc: RequestError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error",
+                                       None, "invalid_json"), status_code=400)
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(where) or None
+    return JSONResponse(error_body(f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param,
+                                   "invalid_value"), status_code=400)
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, str(exc.status_code)),
+                        status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
+
+
+def _add_info_routes(app: FastAPI, limits: Limits, metrics: Metrics, auth: tuple[int, ...]) -> None:
+    """/health, /metrics and /v1/models. The handlers' names are the schema's operation ids."""
 
     @app.get("/health", responses={200: {"model": Health}})
     async def health():
@@ -187,78 +203,103 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
         return {"object": "list", "data": [{"id": limits.model_name, "object": "model", "created": 0,
                                             "owned_by": "pf_engine", "max_model_len": limits.max_model_len}]}
 
-    searches = schema.errors(400, *auth, 404, 429, 500)
+
+def _add_search_routes(app: FastAPI, searches: "_Searches", auth: tuple[int, ...]) -> None:
+    """/v1/chat/completions and /v1/completions. The handlers' names are the schema's operation ids."""
+    refusals = schema.errors(400, *auth, 404, 429, 500)
     # read by parse(); declared here for the schema alone
-    budget_header = {"parameters": [{"name": "X-ITS-Budget", "in": "header", "schema": bounds(limits)["budget"],
+    budget_header = {"parameters": [{"name": "X-ITS-Budget", "in": "header",
+                                     "schema": bounds(searches.limits)["budget"],
                                      "description": "its_hub: the number of particles, as the body's budget"}]}
 
     @app.post("/v1/chat/completions", openapi_extra=budget_header,
-              responses={200: {"model": ChatCompletion, "content": schema.event_stream(ChatChunk)}} | searches)
+              responses={200: {"model": ChatCompletion, "content": schema.event_stream(ChatChunk)}} | refusals)
     async def chat_completions(body: ChatRequest, request: Request):
-        return await _answer(body, request)
+        return await searches.answer(body, request)
 
     @app.post("/v1/completions", openapi_extra=budget_header,
-              responses={200: {"model": Completion, "content": schema.event_stream(CompletionChunk)}} | searches)
+              responses={200: {"model": Completion, "content": schema.event_stream(CompletionChunk)}} | refusals)
     async def completions(body: CompletionRequest, request: Request):
-        return await _answer(body, request)
+        return await searches.answer(body, request)
+
+
+def _add_openapi(app: FastAPI, limits: Limits, keyed: bool) -> None:
+    """/openapi.json: FastAPI's schema, post-processed once (pf_engine.server.schema.document)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema.document(FastAPI.openapi(app), limits, api_key is not None)
+            schema.document(FastAPI.openapi(app), limits, keyed)
         return app.openapi_schema
 
     app.openapi = openapi
-    paths.update(route.path for route in app.routes)
 
-    def selection_policy(job: Job) -> SelectionPolicy:
+
+class _Searches:
+    """What the search endpoints do with a request: check it, hand it to the engine loop, and answer
+    with the result (or stream its progress and steps); a client that goes away cancels it."""
+
+    def __init__(self, engine: Engine, limits: Limits, loop: EngineLoop, progress_interval: float):
+        self.engine, self.limits, self.loop, self.progress_interval = engine, limits, loop, progress_interval
+        self.policies: dict = {}  # config (seed 0) -> SelectionPolicy, at most MAX_POLICIES
+
+    def selection_policy(self, job: Job) -> SelectionPolicy:
         """One policy object per config but its seed: requests of one search end their rounds together."""
         config = replace(job.config, seed=0)
-        if config not in policies:
-            if len(policies) >= MAX_POLICIES:
-                policies.clear()
+        if config not in self.policies:
+            if len(self.policies) >= MAX_POLICIES:
+                self.policies.clear()
             try:
-                policies[config] = engine.selection_policy(config)
+                self.policies[config] = self.engine.selection_policy(config)
             except ValueError as exc:
                 raise RequestError(str(exc), "search.algorithm") from None
-        return policies[config]
+        return self.policies[config]
 
-    async def _answer(body, request: Request):
-        job = parse(body, limits, request.headers.get("x-its-budget"))
+    async def answer(self, body, request: Request):
+        job, ticket = self._submit(body, request)
+        if job.stream:
+            return StreamingResponse(self._events(job, ticket), media_type="text/event-stream")
         try:
-            problem = engine.problem(job.item, 0, 0, selection_policy(job), seed=job.config.seed)
+            return await self._result(job, ticket, request)
+        finally:
+            if not ticket.done:
+                self.loop.cancel(ticket)
+
+    def _submit(self, body, request: Request) -> tuple[Job, Ticket]:
+        """The checked request, queued on the engine loop."""
+        job = parse(body, self.limits, request.headers.get("x-its-budget"))
+        try:
+            problem = self.engine.problem(job.item, 0, 0, self.selection_policy(job), seed=job.config.seed)
         except OutOfBlocksError as exc:
             raise RequestError(f"this request can never fit the server's KV cache: {exc}",
                                "budget" if body.budget is not None else "search.num_particles") from None
         except ValueError as exc:
             raise RequestError(str(exc), "messages" if job.chat else "prompt") from None
-        check_length(job, len(problem.prompt_ids), limits)
+        check_length(job, len(problem.prompt_ids), self.limits)
         ticket = Ticket(problem, asyncio.Queue(), asyncio.get_running_loop())
         try:
-            loop.submit(ticket)
+            self.loop.submit(ticket)
         except QueueFull as exc:
             raise RequestError(f"the server is busy: {exc}; try again later", None, 429, "rate_limit_error") from None
-        if job.stream:
-            return StreamingResponse(_events(job, ticket), media_type="text/event-stream")
-        try:
-            while True:
-                try:
-                    kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
-                except TimeoutError:
-                    kind = "waiting"
-                if kind == "error":
-                    raise RequestError(f"the engine failed on this request: {payload}", None, 500, "server_error")
-                if kind == "result":
-                    return JSONResponse(response(job, payload, len(problem.prompt_ids), limits.model_name))
-                if await request.is_disconnected():  # after progress too: it may come more often than 0.5 s
-                    return Response(status_code=499)  # the finally cancels it
-        finally:
-            if not ticket.done:
-                loop.cancel(ticket)
+        return job, ticket
 
-    async def _events(job: Job, ticket: Ticket):
+    async def _result(self, job: Job, ticket: Ticket, request: Request) -> Response:
+        """The whole answer once the search ends; 499 if the client goes away first."""
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
+            except TimeoutError:
+                kind = "waiting"
+            if kind == "error":
+                raise RequestError(f"the engine failed on this request: {payload}", None, 500, "server_error")
+            if kind == "result":
+                return JSONResponse(response(job, payload, len(ticket.problem.prompt_ids), self.limits.model_name))
+            if await request.is_disconnected():  # after progress too: it may come more often than 0.5 s
+                return Response(status_code=499)  # answer()'s finally cancels it
+
+    async def _events(self, job: Job, ticket: Ticket):
         """Server-sent events: progress while the search runs (at least every ``progress_interval``),
         then each returned particle's steps, its finish reason, usage if asked, and [DONE]."""
-        model, progress = limits.model_name, {"state": "waiting", "step": 0, "sweep": 0, "live_particles": 0}
+        model, progress = self.limits.model_name, {"state": "waiting", "step": 0, "sweep": 0, "live_particles": 0}
         try:
             for index in range(job.n):
                 first = chunk(job, model, index, "")
@@ -267,32 +308,37 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_qu
                 yield _sse(first)
             while True:
                 try:
-                    kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=progress_interval)
+                    kind, payload = await asyncio.wait_for(ticket.events.get(), timeout=self.progress_interval)
                 except TimeoutError:
                     kind, payload = "progress", progress
                 if kind == "progress":
                     progress = payload
                     yield _sse(chunk(job, model, 0, "", pf_engine={"progress": payload}))
-                elif kind == "error":
+                    continue
+                if kind == "error":
                     yield _sse(error_body(f"the engine failed on this request: {payload}", "server_error", None,
                                           "internal_error"))
-                    break
                 else:
-                    for index, particle in enumerate(choices(payload, job.n)):
-                        for text in payload.steps_of(particle):
-                            yield _sse(chunk(job, model, index, text))
-                        yield _sse(chunk(job, model, index, reason=payload.finish_reasons[particle]))
-                    if job.include_usage:
-                        yield _sse(chunk(job, model, usage=usage(job, payload, len(ticket.problem.prompt_ids))))
-                    if job.return_tree:
-                        yield _sse(chunk(job, model, pf_engine={"tree": payload.tree_records()}))
-                    break
+                    for body in _result_chunks(job, ticket, payload, model):
+                        yield _sse(body)
+                break
             yield "data: [DONE]\n\n"
         finally:
             if not ticket.done:
-                loop.cancel(ticket)
+                self.loop.cancel(ticket)
 
-    return app
+
+def _result_chunks(job: Job, ticket: Ticket, result, model: str):
+    """The stream's chunks of a finished search: each returned particle's steps and finish reason,
+    then usage and the tree where the request asks for them."""
+    for index, particle in enumerate(choices(result, job.n)):
+        for text in result.steps_of(particle):
+            yield chunk(job, model, index, text)
+        yield chunk(job, model, index, reason=result.finish_reasons[particle])
+    if job.include_usage:
+        yield chunk(job, model, usage=usage(job, result, len(ticket.problem.prompt_ids)))
+    if job.return_tree:
+        yield chunk(job, model, pf_engine={"tree": result.tree_records()})
 
 
 def _sse(body: dict) -> str:

@@ -107,33 +107,41 @@ class EngineLoop:
                     break
                 arrivals, self._arrivals = self._arrivals, []
                 cancels, self._cancels = self._cancels, []
-            for ticket in arrivals:
-                self._tickets[id(ticket.problem)] = ticket
-                self.scheduler.add(ticket.problem)
-            for ticket in cancels:
-                if self._tickets.pop(id(ticket.problem), None) is not None:
-                    self.scheduler.cancel(ticket.problem)
-                    ticket.done = True
-            try:
-                finished = self.scheduler.iterate() if self.scheduler.waiting or self.scheduler.running else []
-                for problem in finished:
-                    self._finish(self._tickets.pop(id(problem)), problem)
-            except OutOfBlocksError as exc:  # one problem outgrew the cache alone: it fails, the rest go on
-                if getattr(exc, "problem", None) is None or id(exc.problem) not in self._tickets:
-                    log.exception("the engine loop failed; every request in flight gets the error")
-                    self._fail_all(exc)
-                else:
-                    self.scheduler.cancel(exc.problem)
-                    self._count()
-                    ticket = self._tickets.pop(id(exc.problem))
-                    ticket.done = True
-                    ticket.post("error", exc)
-            except Exception as exc:  # nothing a request sends gets here; a PRM callable or a bug may
-                log.exception("the engine loop failed; every request in flight gets the error")
-                self._fail_all(exc)
+            self._take(arrivals, cancels)
+            self._iterate()
             self._count()
             self._progress()
         self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _take(self, arrivals: list[Ticket], cancels: list[Ticket]) -> None:
+        """The requests that arrived join the scheduler; those cancelled and still in flight leave it."""
+        for ticket in arrivals:
+            self._tickets[id(ticket.problem)] = ticket
+            self.scheduler.add(ticket.problem)
+        for ticket in cancels:
+            if self._tickets.pop(id(ticket.problem), None) is not None:
+                self.scheduler.cancel(ticket.problem)
+                ticket.done = True
+
+    def _iterate(self) -> None:
+        """One scheduler iteration, if it has work; each problem it finishes is answered."""
+        try:
+            finished = self.scheduler.iterate() if self.scheduler.waiting or self.scheduler.running else []
+            for problem in finished:
+                self._finish(self._tickets.pop(id(problem)), problem)
+        except OutOfBlocksError as exc:  # one problem outgrew the cache alone: it fails, the rest go on
+            if getattr(exc, "problem", None) is None or id(exc.problem) not in self._tickets:
+                log.exception("the engine loop failed; every request in flight gets the error")
+                self._fail_all(exc)
+            else:
+                self.scheduler.cancel(exc.problem)
+                self._count()
+                ticket = self._tickets.pop(id(exc.problem))
+                ticket.done = True
+                ticket.post("error", exc)
+        except Exception as exc:  # nothing a request sends gets here; a PRM callable or a bug may
+            log.exception("the engine loop failed; every request in flight gets the error")
+            self._fail_all(exc)
 
     def _count(self) -> None:
         """The queue and batch sizes /metrics shows, brought up to date before any client hears of a change."""

@@ -127,18 +127,42 @@ class Job:
 
 def parse(request: _Request, limits: Limits, budget_header: str | None) -> Job:
     """The job a request asks for; RequestError naming the field for anything wrong."""
+    _check_supported(request, limits)
+    search = _search_fields(request)
+    chat = isinstance(request, ChatRequest)
+    standard = _standard_fields(request, chat, budget_header)
+    config = _config(search, standard, limits)
+    if not 1 <= request.n <= config.num_particles:
+        raise RequestError(f"n must be in [1, num_particles = {config.num_particles}], got {request.n}", "n")
+    return Job(item=_item(request, chat), config=config, n=request.n, stream=request.stream,
+               include_usage=bool(request.stream_options and request.stream_options.include_usage),
+               return_tree=request.return_tree, chat=chat,
+               id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()))
+
+
+def _check_supported(request: _Request, limits: Limits) -> None:
+    """Refuses OpenAI's fields pf_engine cannot honour, and a model other than the one served (404)."""
     for name, neutral in UNSUPPORTED.items():
         if (request.model_extra or {}).get(name) not in neutral:
             raise RequestError(f"{name} is not supported by pf_engine", name)
     if request.model is not None and request.model != limits.model_name:
         raise RequestError(f"the model `{request.model}` does not exist: this server serves `{limits.model_name}`",
                            "model", status=404)
+
+
+def _search_fields(request: _Request) -> dict:
+    """The body's ``search`` object, once each of its keys is a SearchConfig field."""
     search = dict(request.search or {})
     unknown = sorted(set(search) - SEARCH_FIELDS)
     if unknown:
         raise RequestError(f"unknown search option {unknown[0]!r}; the options are {', '.join(sorted(SEARCH_FIELDS))}",
                            f"search.{unknown[0]}")
-    chat = isinstance(request, ChatRequest)
+    return search
+
+
+def _standard_fields(request: _Request, chat: bool, budget_header: str | None) -> dict[str, tuple]:
+    """SearchConfig field -> (the request field that sets it, its value or None) for the standard fields
+    and its_hub's budget; a field given two ways (max_completion_tokens, X-ITS-Budget) must agree."""
     max_tokens = request.max_tokens
     if chat and request.max_completion_tokens is not None:
         max_tokens = _same("max_completion_tokens", request.max_completion_tokens, "max_tokens", max_tokens)
@@ -148,10 +172,14 @@ def parse(request: _Request, limits: Limits, budget_header: str | None) -> Job:
             raise RequestError(f"X-ITS-Budget must be an int, got {budget_header!r}", "X-ITS-Budget")
         budget = _same("X-ITS-Budget", int(budget_header), "budget", budget)
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    standard = {"temperature": ("temperature", request.temperature), "top_p": ("top_p", request.top_p),
-                "max_new_tokens": ("max_tokens", max_tokens), "seed": ("seed", request.seed),
-                "stop": ("stop", None if stop is None else tuple(stop)),
-                "num_particles": ("budget", budget)}
+    return {"temperature": ("temperature", request.temperature), "top_p": ("top_p", request.top_p),
+            "max_new_tokens": ("max_tokens", max_tokens), "seed": ("seed", request.seed),
+            "stop": ("stop", None if stop is None else tuple(stop)),
+            "num_particles": ("budget", budget)}
+
+
+def _config(search: dict, standard: dict[str, tuple], limits: Limits) -> SearchConfig:
+    """The server's default SearchConfig with the ``search`` fields, then the standard ones, over it."""
     for option, (name, value) in standard.items():
         if value is not None:
             search[option] = _same(name, value, f"search.{option}", search.get(option))
@@ -164,20 +192,18 @@ def parse(request: _Request, limits: Limits, budget_header: str | None) -> Job:
     if config.num_particles > limits.max_particles:
         raise RequestError(f"num_particles {config.num_particles} is above this server's maximum of "
                            f"{limits.max_particles} (pf-engine serve --max-particles)",
-                           "budget" if budget is not None else "search.num_particles")
-    if not 1 <= request.n <= config.num_particles:
-        raise RequestError(f"n must be in [1, num_particles = {config.num_particles}], got {request.n}", "n")
+                           "budget" if standard["num_particles"][1] is not None else "search.num_particles")
+    return config
+
+
+def _item(request: _Request, chat: bool) -> dict:
+    """The problem as Engine.problem takes it: {"messages": ...} or {"prompt": ...} (one prompt)."""
     if chat:
-        item = {"messages": [m.model_dump() for m in request.messages]}
-    else:
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        if len(prompts) != 1:
-            raise RequestError(f"prompt must be one string per request, got a list of {len(prompts)}", "prompt")
-        item = {"prompt": prompts[0]}
-    return Job(item=item, config=config, n=request.n, stream=request.stream,
-               include_usage=bool(request.stream_options and request.stream_options.include_usage),
-               return_tree=request.return_tree, chat=chat,
-               id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()))
+        return {"messages": [m.model_dump() for m in request.messages]}
+    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+    if len(prompts) != 1:
+        raise RequestError(f"prompt must be one string per request, got a list of {len(prompts)}", "prompt")
+    return {"prompt": prompts[0]}
 
 
 def check_length(job: Job, prompt_tokens: int, limits: Limits) -> None:
