@@ -285,7 +285,7 @@ def run_pf_engine(engine, job) -> list[dict]:
     engine.solve(job["questions"], config(2, 1))  # warm-up, not reported
     rows = []
     block_bytes = engine.policy.kv_cache.bytes_per_block
-    prm_block_bytes = engine.core.prm_runner.kv_cache.bytes_per_block
+    prm_block_bytes = engine.core.prm.runner.kv_cache.bytes_per_block
     for n, steps in job["configs"]:
         began = time.perf_counter()
         results = engine.solve(job["questions"], config(n, steps))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pf_engine.answers import extract_answer, weighted_vote
-from pf_engine.engine import PEAK_STATS, ParticleEngine, chat_ids
+from pf_engine.core import PEAK_STATS, Core, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.files import fingerprint, write_atomically
 from pf_engine.models import load_model
@@ -20,7 +20,7 @@ from pf_engine.prm_format import PRESETS, PRMFormat, single_token
 from pf_engine.prm_format import prm_format as as_prm_format
 from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
-from pf_engine.search import SearchConfig, SelectionPolicy, policy_for
+from pf_engine.search import Algorithm, SearchConfig, algorithm_for
 from pf_engine.state import Problem, TreeNode, path_texts, path_to
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
@@ -144,54 +144,18 @@ class Engine:
             if not isinstance(orm, (str, Path)):
                 raise TypeError(f"orm must be a checkpoint path, got {type(orm).__name__}")
             orm_model, orm_config = load_model(orm, dtype=dtype, device=device)
-
-        if kv_cache_memory is None:
-            kv_cache_memory = (torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda"
-                               else DEFAULT_KV_MEMORY_CPU)
-        per_token = [_kv_bytes_per_token(policy_config, next(policy_model.parameters()).dtype)]
-        if prm_model is not None:
-            per_token.append(_kv_bytes_per_token(prm_config, next(prm_model.parameters()).dtype))
-        if orm_model is not None:
-            per_token.append(_kv_bytes_per_token(orm_config, next(orm_model.parameters()).dtype))
-        # The policy's, the PRM's and the ORM's caches get the same number of blocks: one block
-        # of the budget is a block of each.
-        bytes_per_block = sum(per_token) * block_size
-        num_blocks = int(kv_cache_memory // bytes_per_block)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory ({size(kv_cache_memory)}) holds no KV block: one block of "
-                             f"{block_size} tokens takes {size(bytes_per_block)}")
-        self.block_size = block_size
-        self.bytes_per_block = bytes_per_block
-        self.kv_cache_memory = kv_cache_memory
+        models = [(m, c) for m, c in ((policy_model, policy_config), (prm_model, prm_config), (orm_model, orm_config))
+                  if m is not None]
+        num_blocks = self._size_pools(models, kv_cache_memory, block_size, device)
         self.policy = ModelRunner(policy_model, num_blocks, block_size, backend)
-        prm_engine = None
         fmt = None if prm_format is None else as_prm_format(prm_format)
-        marker_name = "the PRM format's marker"  # what an error calls it: the argument it came from, if one did
         if prm_model is not None:
-            runner = ModelRunner(prm_model, num_blocks, block_size, backend)
-            if hasattr(prm_model, "step_values"):
-                fmt = fmt or PRESETS["skywork"]
-                prm_engine = ValueHeadPRM(runner, fmt.marker_id(prm_tokenizer))
-            elif hasattr(prm_model, "class_logits"):
-                if fmt is None:
-                    fmt, marker_name = PRMFormat(marker=prm_separator), "prm_separator"
-                prm_engine = ClassHeadPRM(runner, fmt.marker_id(prm_tokenizer, marker_name))
-            else:
-                if fmt is None:
-                    if prm_step_tag is None:
-                        raise ValueError("a language-model PRM needs prm_format= (a preset) or prm_step_tag, prm_good "
-                                         "and prm_bad")
-                    fmt, marker_name = PRMFormat(marker=prm_step_tag), "prm_step_tag"
-                good, bad = prm_good or fmt.good, prm_bad or fmt.bad
-                if None in (good, bad):
-                    raise ValueError("a language-model PRM needs prm_step_tag, prm_good and prm_bad (or a prm_format "
-                                     "that names its good and bad tokens)")
-                prm_engine = TokenPairPRM(runner, fmt.marker_id(prm_tokenizer, marker_name),
-                                          single_token(prm_tokenizer, good, "prm_good"),
-                                          single_token(prm_tokenizer, bad, "prm_bad"))
-        elif prm is not None:
-            prm_engine = RulePRM(prm)
-        self.core = ParticleEngine(self.policy, tokenizer, prm_engine, prm_tokenizer, fmt)
+            prm_engine = _model_prm(ModelRunner(prm_model, num_blocks, block_size, backend), prm_tokenizer, fmt,
+                                    prm_separator, prm_step_tag, prm_good, prm_bad)
+            fmt = prm_engine.fmt
+        else:
+            prm_engine = RulePRM(prm) if prm is not None else None
+        self.core = Core(self.policy, tokenizer, prm_engine)
         # what the results depend on besides the search config (pf_engine.evaluate keys its cache by it)
         self.identity = {"policy": fingerprint(policy), "prm": fingerprint(prm), "orm": fingerprint(orm),
                          "prm_format": None if fmt is None else asdict(fmt),
@@ -201,6 +165,21 @@ class Engine:
         if orm_model is not None:
             self.orm = OutcomeRM(ModelRunner(orm_model, num_blocks, block_size, backend),
                                  AutoTokenizer.from_pretrained(orm))
+
+    def _size_pools(self, models: list, kv_cache_memory: int | None, block_size: int, device) -> int:
+        """Blocks per pool: the policy's, the PRM's and the ORM's caches get the same number of blocks,
+        so one block of the budget is a block of each."""
+        if kv_cache_memory is None:
+            kv_cache_memory = (torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda"
+                               else DEFAULT_KV_MEMORY_CPU)
+        bytes_per_block = block_size * sum(_kv_bytes_per_token(config, next(model.parameters()).dtype)
+                                           for model, config in models)
+        num_blocks = int(kv_cache_memory // bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({size(kv_cache_memory)}) holds no KV block: one block of "
+                             f"{block_size} tokens takes {size(bytes_per_block)}")
+        self.block_size, self.bytes_per_block, self.kv_cache_memory = block_size, bytes_per_block, kv_cache_memory
+        return num_blocks
 
     def solve(self, problems, config: SearchConfig | None = None, progress=None) -> list["Result"]:
         """Solve every problem; ``problems`` are strings or dicts with "problem" or "question".
@@ -233,32 +212,32 @@ class Engine:
         they were before the call.
         """
         config = config or SearchConfig()
-        policy = self.selection_policy(config)
+        algorithm = self.algorithm(config)
         seeds = _seeds(problems, config.seed)
-        states = [self.problem(p, i, key, policy, seed) for i, (p, key, seed)
+        states = [self.problem(p, i, key, algorithm, seed) for i, (p, key, seed)
                   in enumerate(zip(problems, _keys(problems, seeds), seeds, strict=True))]
         return self._stream(states)
 
-    def selection_policy(self, config: SearchConfig) -> SelectionPolicy:
+    def algorithm(self, config: SearchConfig) -> Algorithm:
         """The search ``config`` asks for, checked against the models this engine has."""
-        policy = policy_for(config)
-        if policy.scores and self.core.prm is None:
-            if config.algorithm != "best_of_n" or self.orm is None:
+        algorithm = algorithm_for(config)
+        if algorithm.scores and self.core.prm is None:
+            if not algorithm.outcome_ranks or self.orm is None:
                 raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine"
-                                 + (" (best_of_n may rank by an outcome model instead: orm=)"
-                                    if config.algorithm == "best_of_n" else ""))
-            policy.scores = False  # best-of-N ranked by the outcome model alone
+                                 + (f" ({config.algorithm} may rank by an outcome model instead: orm=)"
+                                    if algorithm.outcome_ranks else ""))
+            algorithm.scores = False  # ranked by the outcome model alone
         if config.final_answer == "outcome" and self.orm is None:
             raise ValueError("final_answer 'outcome' needs an outcome reward model: pass orm= to the Engine")
-        return policy
+        return algorithm
 
-    def problem(self, item, index: int, key: int, policy: SelectionPolicy, seed: int | None = None) -> Problem:
-        """A fresh search of one problem (a string, or a dict as :meth:`stream` takes it) under ``policy``,
-        drawing with ``seed`` (default: the policy config's): problems of one policy object, which end
+    def problem(self, item, index: int, key: int, algorithm: Algorithm, seed: int | None = None) -> Problem:
+        """A fresh search of one problem (a string, or a dict as :meth:`stream` takes it) under ``algorithm``,
+        drawing with ``seed`` (default: its config's): problems of one algorithm object, which end
         their rounds together, may differ in their seeds. OutOfBlocksError if it can never fit the KV caches.
 
         A conversation (``"messages"``) without a system turn gets the config's ``system_prompt``."""
-        config, core = policy.config, self.core
+        config, core = algorithm.config, self.core
         question = _question(item, index)
         if isinstance(item, dict) and "messages" in item:
             turns = [{"role": m["role"], "content": m["content"]} for m in _messages(item["messages"], index)]
@@ -269,9 +248,8 @@ class Engine:
             prompt_ids = core.tokenizer.encode(item["prompt"], add_special_tokens=True)
         else:
             prompt_ids = core.prompt_ids(question, config.system_prompt)
-        prm_prompt = core.prm_prompt_ids(question) if core.prm_runner is not None else None
         problem = Problem(index=index, key=key, question=question, num_particles=config.num_particles,
-                          prompt_ids=prompt_ids, prm_prompt_ids=prm_prompt, policy=policy,
+                          prompt_ids=prompt_ids, prm_prompt_ids=core.prm_prompt_ids(question), algorithm=algorithm,
                           rules=config.step_rules(config.seed if seed is None else seed))
         self._check_fits(problem, config)
         return problem
@@ -283,30 +261,28 @@ class Engine:
             yield problem.index, self.result(problem)
 
     def _check_fits(self, problem: Problem, config: SearchConfig) -> None:
-        """OutOfBlocksError unless the problem fits alone at its minimum: its prompt, and for
-        every particle one block to share plus one step of its own."""
-        bs = self.block_size
-        step_blocks = -(-config.max_step_tokens // bs) + 1
-        need = -(-len(problem.prompt_ids) // bs) + config.num_particles * step_blocks
-        if problem.prm_prompt_ids is not None:
-            need = max(need, -(-len(problem.prm_prompt_ids) // bs) + config.num_particles * step_blocks)
-        capacity = self.policy.manager.num_blocks
-        if need > capacity:
-            raise OutOfBlocksError(
-                f"problem {problem.index} needs at least {need} KV blocks ({size(need * self.bytes_per_block)}) "
-                f"with {config.num_particles} particles of up to {config.max_step_tokens} tokens a step, but "
-                f"kv_cache_memory ({size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory or lower "
-                f"num_particles / max_step_tokens")
+        """OutOfBlocksError unless the problem fits alone at its minimum, on every pool: its prompt,
+        and for every particle one block to share plus one step of its own."""
+        step = np.full(config.num_particles, config.max_step_tokens)
+        for pool, place in zip(self.core.pools, self.core.blocks_to_place(problem), strict=True):
+            need, capacity = place + pool.blocks_to_write(step), pool.manager.num_blocks
+            if need > capacity:
+                raise OutOfBlocksError(
+                    f"problem {problem.index} needs at least {need} KV blocks ({size(need * self.bytes_per_block)}) "
+                    f"with {config.num_particles} particles of up to {config.max_step_tokens} tokens a step, but "
+                    f"kv_cache_memory ({size(self.kv_cache_memory)}) holds {capacity}: raise kv_cache_memory or "
+                    f"lower num_particles / max_step_tokens")
 
     def result(self, problem: Problem) -> Result:
         """The outcome of a problem whose search has ended."""
-        config, n = problem.policy.config, problem.num_particles
+        algorithm, n = problem.algorithm, problem.num_particles
+        config = algorithm.config
         steps = [problem.steps(slot) for slot in range(n)]
         texts = ["".join(s) for s in steps]
         weights = problem.weights.tolist()
         answers = [extract_answer(t) for t in texts]
         outcome = self.orm.score(problem.question, texts) if self.orm is not None else None
-        if config.final_answer == "vote" or config.algorithm == "self_consistency":
+        if config.final_answer == "vote" or algorithm.votes:
             answer = weighted_vote(answers, weights)
             chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
         elif config.final_answer == "sampled":
@@ -314,7 +290,7 @@ class Engine:
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:  # "best": the highest weight; "outcome", or best-of-N without a PRM: the best outcome score
-            by_outcome = config.final_answer == "outcome" or (config.algorithm == "best_of_n" and self.core.prm is None)
+            by_outcome = config.final_answer == "outcome" or (algorithm.outcome_ranks and self.core.prm is None)
             chosen = int(np.argmax(outcome if by_outcome else weights))
             answer = answers[chosen]
         stats = {"prompt_tokens": len(problem.prompt_ids),
@@ -328,6 +304,31 @@ class Engine:
                    for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
                       problem.leaf.tolist(), chosen, stats, outcome, lengths, reasons)
+
+
+def _model_prm(runner: ModelRunner, tokenizer, fmt: PRMFormat | None, separator: str, step_tag: str | None,
+               good: str | None, bad: str | None):
+    """The PRM a checkpoint's head makes (a value head, a class head, or a language model read at two
+    tokens), in ``fmt`` or the format its kind defaults to."""
+    model = runner.model
+    if hasattr(model, "step_values"):
+        fmt = fmt or PRESETS["skywork"]
+        return ValueHeadPRM(runner, fmt.marker_id(tokenizer), fmt, tokenizer)
+    marker_name = "the PRM format's marker"  # what an error calls it: the argument it came from, if one did
+    if hasattr(model, "class_logits"):
+        if fmt is None:
+            fmt, marker_name = PRMFormat(marker=separator), "prm_separator"
+        return ClassHeadPRM(runner, fmt.marker_id(tokenizer, marker_name), fmt, tokenizer)
+    if fmt is None:
+        if step_tag is None:
+            raise ValueError("a language-model PRM needs prm_format= (a preset) or prm_step_tag, prm_good and prm_bad")
+        fmt, marker_name = PRMFormat(marker=step_tag), "prm_step_tag"
+    good, bad = good or fmt.good, bad or fmt.bad
+    if None in (good, bad):
+        raise ValueError("a language-model PRM needs prm_step_tag, prm_good and prm_bad (or a prm_format that names "
+                         "its good and bad tokens)")
+    return TokenPairPRM(runner, fmt.marker_id(tokenizer, marker_name), single_token(tokenizer, good, "prm_good"),
+                        single_token(tokenizer, bad, "prm_bad"), fmt, tokenizer)
 
 
 def _seeds(problems, seed: int) -> list[int]:

@@ -349,6 +349,7 @@ def solve(args) -> int:
     from rich.table import Table
 
     from pf_engine.answers import is_correct
+    from pf_engine.search import ALGORITHMS
 
     out = output_path("--out", args.out)
     tree = output_path("--tree", args.tree) if args.tree else None
@@ -359,8 +360,9 @@ def solve(args) -> int:
     except ValueError as exc:
         raise ValueError(f"--problems {exc}") from None
     config = search_config(args)
-    ranked_by_orm = config.algorithm == "best_of_n" and args.orm is not None
-    if config.algorithm != "self_consistency" and args.prm is None and args.verifier is None and not ranked_by_orm:
+    algorithm = ALGORITHMS[config.algorithm]
+    ranked_by_orm = algorithm.outcome_ranks and args.orm is not None
+    if algorithm.scores and args.prm is None and args.verifier is None and not ranked_by_orm:
         raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
     engine = load_engine(args)
     began = time.perf_counter()
@@ -565,7 +567,7 @@ def serve(args) -> int:
     if not 0 < args.progress_interval <= 10:
         raise ValueError(f"--progress-interval must be in (0, 10] seconds, got {args.progress_interval}")
     engine = load_engine(args)
-    engine.selection_policy(defaults)  # the defaults must suit the models (a PRM where the search needs one)
+    engine.algorithm(defaults)  # the defaults must suit the models (a PRM where the search needs one)
     config = engine.policy.model.config
     name = args.served_model_name or (Path(args.policy).name if args.policy else "SmolLM2-135M-Instruct")
     limits = Limits(model_name=name, defaults=defaults, max_particles=args.max_particles,

@@ -1,9 +1,14 @@
 """Process reward models scored incrementally on their own KV cache.
 
-Each call extends every sequence by its newest step and a marker token, and
-reads the head's output at the marker; only the new tokens are prefilled. That
-output feeds the fused resampling kernel: two logits (``reward="class_logits"``
-or ``"token_logits"``) or the reward itself (``reward="reward"``).
+Every kind of PRM answers one call, ``score(steps)``: a list of StepToScore (a
+particle's new step, and where it stands) in, the output the fused resampling
+kernel weighs out, one row per step: two logits (``reward_kind`` "class_logits"
+or "token_logits") or the reward itself ("reward").
+
+- ``RulePRM``: a Python callable ``f(question, steps) -> reward``.
+- Model PRMs extend the particle's sequence on their own KV pool by the new step
+  and a marker token, and read the head's output at the marker; only the new
+  tokens are prefilled.
 
 - ``ClassHeadPRM``: Qwen2.5-Math-PRM style. The marker is the step separator
   (``<extra_0>``); a 2-class head on its hidden state gives [bad, good].
@@ -13,23 +18,76 @@ or ``"token_logits"``) or the reward itself (``reward="reward"``).
   sigmoid of a scalar head there is the reward itself (``reward="reward"``).
 """
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
 from pf_engine.errors import OutOfBlocksError
+from pf_engine.prm_format import PRMFormat
 from pf_engine.runner import ModelRunner
+from pf_engine.state import Problem
+
+
+@dataclass(frozen=True, slots=True)
+class StepToScore:
+    """A particle's new step: its text follows the particle's committed steps, then ``before``
+    (ancestor sampling scores a reference's future steps spliced onto a candidate prefix)."""
+
+    problem: Problem
+    slot: int
+    seq: int  # the particle's sequence on the PRM's pool (a fork of it, for a splice); -1 for a rule PRM
+    text: str
+    before: tuple[str, ...] = ()
+
+    @property
+    def index(self) -> int:
+        """The step's place in the particle's path (0 first)."""
+        return len(self.problem.path(self.slot)) + len(self.before)
+
+
+class PRM(Protocol):
+    reward_kind: str  # "reward", "class_logits" or "token_logits": how the fused step reads the output
+
+    def prompt_ids(self, question: str) -> list[int] | None:
+        """What the PRM reads before the first step on its own pool (None: it has no pool)."""
+
+    def score(self, steps: list[StepToScore]) -> torch.Tensor:
+        """float32 [len(steps)] rewards, or [len(steps), 2] logits, on the CPU."""
 
 
 class ModelPRM:
     """A PRM model on its own runner: a step's tokens and a marker token in, the head's output at the
-    marker out (two logits, or the reward for ``reward_kind`` "reward")."""
+    marker out (two logits, or the reward for ``reward_kind`` "reward"). ``fmt`` and ``tokenizer``
+    say how the PRM reads a question and a step."""
 
     reward_kind: str
 
-    def __init__(self, runner: ModelRunner, marker_id: int):
+    def __init__(self, runner: ModelRunner, marker_id: int, fmt: PRMFormat | None = None, tokenizer=None):
         self.runner = runner
         self.marker_id = marker_id
+        self.fmt, self.tokenizer = fmt or PRMFormat(), tokenizer
 
-    def score(self, seq_ids, steps) -> torch.Tensor:
+    def prompt_ids(self, question: str) -> list[int]:
+        """What the PRM reads before the first step."""
+        return self.fmt.prompt_ids(self.tokenizer, question)
+
+    def step_ids(self, index: int, text: str) -> list[int]:
+        """What the PRM reads of step ``index`` (0 first) of a particle, before its marker."""
+        return self.fmt.step_ids(self.tokenizer, index, text)
+
+    def score(self, steps: list[StepToScore]) -> torch.Tensor:
+        """Each step and the marker appended to its sequence (all or nothing; OutOfBlocksError leaves
+        the sequences as they were); the tokens are added to the problems' ``prm_tokens``."""
+        if not steps:
+            return torch.zeros(0, *(() if self.reward_kind == "reward" else (2,)))
+        ids = [self.step_ids(s.index, s.text) for s in steps]
+        out = self.score_ids([s.seq for s in steps], ids).cpu()
+        for s, step in zip(steps, ids, strict=True):
+            s.problem.prm_tokens += len(step) + 1
+        return out
+
+    def score_ids(self, seq_ids, steps) -> torch.Tensor:
         """steps[i]: token ids of sequence i's newest step. Returns float32 [num_seqs, 2] logits, or
         [num_seqs] rewards for ``reward_kind`` "reward"."""
         new_tokens = [list(step) + [self.marker_id] for step in steps]
@@ -46,10 +104,10 @@ class ClassHeadPRM(ModelPRM):
 
     reward_kind = "class_logits"
 
-    def __init__(self, runner: ModelRunner, separator_id: int):
+    def __init__(self, runner: ModelRunner, separator_id: int, fmt: PRMFormat | None = None, tokenizer=None):
         if not hasattr(runner.model, "class_logits"):
             raise ValueError(f"{type(runner.model).__name__} has no class head; use TokenPairPRM for a language model")
-        super().__init__(runner, separator_id)
+        super().__init__(runner, separator_id, fmt, tokenizer)
 
     def head(self, hidden):
         return self.runner.model.class_logits(hidden)
@@ -60,8 +118,9 @@ class TokenPairPRM(ModelPRM):
 
     reward_kind = "token_logits"
 
-    def __init__(self, runner: ModelRunner, step_tag_id: int, good_id: int, bad_id: int):
-        super().__init__(runner, step_tag_id)
+    def __init__(self, runner: ModelRunner, step_tag_id: int, good_id: int, bad_id: int,
+                 fmt: PRMFormat | None = None, tokenizer=None):
+        super().__init__(runner, step_tag_id, fmt, tokenizer)
         self.pair = torch.tensor([good_id, bad_id], device=runner.device)
 
     def head(self, hidden):
@@ -73,10 +132,10 @@ class ValueHeadPRM(ModelPRM):
 
     reward_kind = "reward"
 
-    def __init__(self, runner: ModelRunner, marker_id: int):
+    def __init__(self, runner: ModelRunner, marker_id: int, fmt: PRMFormat | None = None, tokenizer=None):
         if not hasattr(runner.model, "step_values"):
             raise ValueError(f"{type(runner.model).__name__} has no value head")
-        super().__init__(runner, marker_id)
+        super().__init__(runner, marker_id, fmt, tokenizer)
 
     def head(self, hidden):
         return torch.sigmoid(self.runner.model.step_values(hidden).float())
@@ -157,3 +216,11 @@ class RulePRM:
         if not callable(fn):
             raise TypeError(f"a rule PRM must be callable f(question, steps) -> float, got {type(fn).__name__}")
         self.fn = fn
+
+    def prompt_ids(self, question: str) -> None:
+        """A rule reads text: it has no prompt of its own, and no pool."""
+        return None
+
+    def score(self, steps: list[StepToScore]) -> torch.Tensor:
+        rewards = [float(self.fn(s.problem.question, s.problem.steps(s.slot) + [*s.before, s.text])) for s in steps]
+        return torch.tensor(rewards, dtype=torch.float32)

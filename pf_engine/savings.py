@@ -31,11 +31,11 @@ class Savings:
 def count_savings(engine: Engine, results: list[Result]) -> Savings:
     """The savings of one ``engine.solve`` call's ``results`` (the peaks are the call's)."""
     reread = 0
-    if engine.core.prm_runner is not None:
+    if len(engine.core.pools) > 1:  # a model PRM's pool: what it would reread if every step resent the path
         for r in results:
             path_tokens = {-1: r.stats["prm_prompt_tokens"]}  # node -> PRM tokens of the prompt and the path to it
             for node in r.tree:  # parents come before their children
-                read = len(engine.core.prm_step_ids(node.depth, node.text)) + 1  # the step and its marker
+                read = len(engine.core.prm.step_ids(node.depth, node.text)) + 1  # the step and its marker
                 path_tokens[node.node] = path_tokens[node.parent] + read
                 reread += path_tokens[node.node]
     peak = max(r.stats["peak_blocks"] + r.stats["peak_prm_blocks"] for r in results)

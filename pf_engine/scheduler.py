@@ -1,7 +1,7 @@
 """Continuous batching over problems.
 
-Each problem brings its own search (config and selection policy): problems of
-different configs decode in the same forwards, and those of one policy object
+Each problem brings its own search (config and algorithm): problems of
+different configs decode in the same forwards, and those of one algorithm object
 end their rounds in one fused call. Problems can be added while others run
 (a server's requests join at the next iteration) and cancelled between
 iterations.
@@ -25,20 +25,24 @@ One iteration::
     admit()      waiting -> running while blocks allow
     sample()     one token for every writing particle, step-end rules
     feed()       the forward (preempting the newest problem while it does not fit)
-    end_rounds() problems whose step ended everywhere, by policy: score, weigh, select, follow
+    end_rounds() problems whose step ended everywhere, by algorithm: score, weigh, select, follow
+
+Wherever a pool runs out (the forward, scoring, ancestor sampling), :meth:`Scheduler.with_room`
+preempts the newest problem and retries.
 """
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from pf_engine.engine import ParticleEngine
+from pf_engine import book
+from pf_engine.core import Core
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.philox import RESAMPLE_TOKEN, search_uniforms
 from pf_engine.search.config import SearchConfig
-from pf_engine.state import Problem
+from pf_engine.state import Problem, Round
 
 # Admission keeps this share of a pool free beyond the running round's needs (copy-on-write
 # copies, rounds that outgrow a step); preemption handles what it does not cover.
@@ -46,23 +50,23 @@ RESERVE_FRACTION = 0.02
 
 
 class Scheduler:
-    """Runs Problems (fresh, each with its ``rules`` and ``policy``) to the end of their searches.
+    """Runs Problems (fresh, each with its ``rules`` and ``algorithm``) to the end of their searches.
 
     NOTE: a problem is in exactly one of ``waiting`` and ``running`` from :meth:`add` until
     it finishes or is cancelled; a running problem holds a lane (``problem.lane``, its
     index in ``lanes``) and its rows and sequences, a waiting one none of them.
     """
 
-    def __init__(self, engine: ParticleEngine, bytes_per_block: int, problems: list[Problem] = (),
+    def __init__(self, core: Core, bytes_per_block: int, problems: list[Problem] = (),
                  max_running: int | None = None):
-        self.engine, self.max_running = engine, max_running
+        self.core, self.max_running = core, max_running
         self.waiting: deque[Problem] = deque(problems)
         self.running: list[Problem] = []  # in admission order: the newest is preempted first
         self.bytes_per_block = bytes_per_block
         self.lanes: list[Problem | None] = []
         self.generated = np.zeros(0, dtype=np.int64)  # tokens drawn per lane since it was taken
         self.num_preemptions = 0
-        engine.begin()
+        core.begin()
 
     def add(self, problem: Problem) -> None:
         self.waiting.append(problem)
@@ -72,19 +76,14 @@ class Scheduler:
         if problem in self.waiting:
             self.waiting.remove(problem)
         elif problem in self.running:
-            self.engine.rollback(problem)
+            book.rollback(problem)
             self._leave(problem)
-
-    @property
-    def managers(self) -> list:
-        runners = [self.engine.policy] + ([self.engine.prm_runner] if self.engine.prm_runner else [])
-        return [runner.manager for runner in runners]
 
     def run(self) -> Iterator[Problem]:
         """Every problem to the end of its search, as they finish. On any exception (a PRM
         callable's, KeyboardInterrupt, the consumer closing the generator) every sequence made
         here is freed: the pools are as they were before the call."""
-        before = [set(manager.seq_ids().tolist()) for manager in self.managers]
+        before = [set(manager.seq_ids().tolist()) for manager in self.core.managers]
         try:
             while self.waiting or self.running:
                 yield from self.iterate()
@@ -93,17 +92,18 @@ class Scheduler:
             raise
 
     def free_sequences(self, keep: list[set] | None = None) -> None:
-        """Free every sequence of the pools but those in ``keep`` (one set per manager): what a failed
+        """Free every sequence of the pools but those in ``keep`` (one set per pool): what a failed
         iteration left, whichever problem held it."""
-        for i, manager in enumerate(self.managers):
+        for i, manager in enumerate(self.core.managers):
             for seq in set(manager.seq_ids().tolist()) - (keep[i] if keep else set()):
                 manager.free(seq)
 
     def iterate(self) -> list[Problem]:
-        """One iteration: admit, then one token for every writing particle; returns the problems
-        that finished in it."""
+        """One iteration: admit, then one token for every writing particle, then the rounds that
+        ended; returns the problems that finished in it."""
         self.admit()
-        return self.step()
+        self.write()
+        return self.end_ready_rounds()
 
     def _take_lane(self, problem: Problem) -> None:
         free = [i for i, p in enumerate(self.lanes) if p is None]
@@ -118,7 +118,7 @@ class Scheduler:
     def _leave(self, problem: Problem) -> None:
         """Evict a running problem, keeping the tokens it drew."""
         problem.tokens_generated += int(self.generated[problem.lane])
-        self.engine.evict(problem)
+        self.core.evict(problem)
         self.lanes[problem.lane] = None
         problem.lane = -1
         self.running.remove(problem)
@@ -133,7 +133,7 @@ class Scheduler:
                 return
             self._take_lane(problem)
             try:
-                self.engine.place(problem)
+                self.core.place(problem)
             except BaseException as e:
                 self.lanes[problem.lane], problem.lane = None, -1
                 if isinstance(e, OutOfBlocksError) and self.running:
@@ -143,40 +143,43 @@ class Scheduler:
                 raise
             self.waiting.popleft()
             self.running.append(problem)
-            problem.policy.prepare_round(problem)
-            self.engine.begin_round(problem)
+            self._begin_round(problem)
+
+    def _begin_round(self, problem: Problem) -> None:
+        problem.algorithm.prepare_round(problem)
+        self.core.begin_round(problem)
 
     def _has_room_for(self, problem: Problem) -> bool:
-        """Whether the pools can take ``problem`` and still let every running particle, and the
+        """Whether every pool can take ``problem`` and still let every running particle, and the
         newcomer's, finish the step it is writing: a round's needs, never a whole search's."""
-        engine, rows = self.engine, self.engine.rows
-        bs = engine.policy.manager.block_size
-        writing = np.flatnonzero(rows.writing)
-        max_step_tokens = np.array([rule.max_step_tokens for rule in engine.rules])[rows.rule[writing]]
-        to_write = max_step_tokens - rows.step_len[writing]
-        round_blocks = (int((-(-to_write // bs)).sum())
-                        + problem.num_particles * -(-problem.rules.max_step_tokens // bs))
-        needs = [engine.blocks_to_place(problem) + round_blocks]
-        if engine.prm_runner is not None:
-            needs.append(engine.prm_blocks_to_place(problem) + len(writing))
-        for manager, need in zip(self.managers, needs, strict=True):
-            if manager.num_free_blocks < need + int(RESERVE_FRACTION * manager.num_blocks):
+        max_step_tokens, step_len = self.core.writer.steps_in_flight()
+        newcomer = np.full(problem.num_particles, problem.rules.max_step_tokens)
+        for pool, place in zip(self.core.pools, self.core.blocks_to_place(problem), strict=True):
+            need = (place + pool.blocks_to_write(pool.to_write(max_step_tokens, step_len))
+                    + pool.blocks_to_write(newcomer))
+            if pool.manager.num_free_blocks < need + int(RESERVE_FRACTION * pool.manager.num_blocks):
                 return False
         return True
 
-    def _preempt_newest(self, keep: Problem | None = None) -> Problem:
-        """Preempt the most recently admitted problem other than ``keep``; OutOfBlocksError if none."""
-        candidates = [p for p in self.running if p is not keep]
-        if not candidates:
-            raise self._too_big(keep or self.running[0], "go on")
-        self._preempt(candidates[-1])
-        return candidates[-1]
+    def with_room(self, attempt: Callable, keep: Problem, on_preempt: Callable[[Problem], None]):
+        """``attempt()`` until it does not run out of blocks, preempting the newest running problem
+        other than ``keep`` before each retry (``on_preempt(victim)`` is told first, while the victim
+        still holds its rows); OutOfBlocksError naming ``keep`` once it runs alone."""
+        while True:
+            try:
+                return attempt()
+            except OutOfBlocksError:
+                candidates = [p for p in self.running if p is not keep]
+                if not candidates:
+                    raise self._too_big(keep, "go on") from None
+                on_preempt(candidates[-1])
+                self._preempt(candidates[-1])
 
     def _preempt(self, victim: Problem) -> None:
         """Free all of ``victim``'s blocks and put it back at the front of the queue, as it was
         at the start of its round (a round it had begun to end is taken back)."""
-        victim.discarded_tokens += int(self.engine.rows.step_len[victim.rows].sum())  # the round it redoes
-        self.engine.rollback(victim)
+        victim.discarded_tokens += int(self.core.rows.step_len[victim.rows].sum())  # the round it redoes
+        book.rollback(victim)
         self._leave(victim)
         victim.forced = {}
         victim.num_preemptions += 1
@@ -186,7 +189,7 @@ class Scheduler:
     def _too_big(self, problem: Problem, what: str) -> OutOfBlocksError:
         """The error for ``problem``, the only one running (or, to be placed, with none running): no
         other problem's state is touched when it is raised, so a server cancels it alone and goes on."""
-        manager = self.engine.policy.manager
+        manager = self.core.policy.manager
         error = OutOfBlocksError(
             f"problem {problem.index} cannot {what} even alone: with {problem.num_particles} particles at step "
             f"{problem.step} (sweep {problem.sweep}) it needs more than the {manager.num_blocks} KV blocks "
@@ -196,100 +199,96 @@ class Scheduler:
         return error
 
     # -- one iteration -------------------------------------------------------------
-    def step(self) -> list[Problem]:
-        engine, rows_table = self.engine, self.engine.rows
-        rows = np.flatnonzero(rows_table.writing)
-        ready = []
-        if len(rows):
-            tokens, feed, stopped = engine.sample(rows)
-            lane_of = rows_table.problem[rows]
-            self.generated += np.bincount(lane_of, minlength=len(self.generated))
-            stops = np.bincount(lane_of[stopped], minlength=len(self.generated))
-            for lane in np.flatnonzero(stops).tolist():
-                self.lanes[lane].num_writing -= int(stops[lane])
-            self._feed(rows[feed], tokens[feed])
+    def write(self) -> None:
+        """One token for every writing particle: drawn, then fed to the policy."""
+        core, table = self.core, self.core.rows
+        rows = np.flatnonzero(table.writing)
+        if not len(rows):
+            return
+        tokens, feed, stopped = core.sample(rows)
+        lane_of = table.problem[rows]
+        self.generated += np.bincount(lane_of, minlength=len(self.generated))
+        stops = np.bincount(lane_of[stopped], minlength=len(self.generated))
+        for lane in np.flatnonzero(stops).tolist():
+            self.lanes[lane].num_writing -= int(stops[lane])
+        fed = [rows[feed], tokens[feed]]
+
+        def without(victim: Problem) -> None:
+            keep = ~np.isin(fed[0], victim.rows)
+            fed[:] = fed[0][keep], fed[1][keep]
+
+        self.with_room(lambda: core.feed(*fed), keep=self.running[0], on_preempt=without)
+
+    def end_ready_rounds(self) -> list[Problem]:
+        """End the round of every problem whose live particles have all ended their step, problems of
+        one algorithm object together; returns those that finished."""
         ready = [p for p in self.running if p.num_writing == 0]
-        if not ready:
-            return []
-        by_policy: dict[int, list[Problem]] = {}
+        by_algorithm: dict[int, list[Problem]] = {}
         for p in ready:
-            by_policy.setdefault(id(p.policy), []).append(p)
+            by_algorithm.setdefault(id(p.algorithm), []).append(p)
         finished = []
-        for group in by_policy.values():
+        for group in by_algorithm.values():
             group = [p for p in group if p in self.running]  # an earlier group's scoring may have preempted some
             if group:
                 finished += self.end_rounds(group)
         return finished
 
-    def _feed(self, rows: np.ndarray, tokens: np.ndarray) -> None:
-        while True:
-            try:
-                self.engine.feed(rows, tokens)
-                return
-            except OutOfBlocksError:
-                if len(self.running) == 1:
-                    raise self._too_big(self.running[0], "go on") from None
-                victim_rows = self.running[-1].rows
-                self._preempt_newest()
-                keep = ~np.isin(rows, victim_rows)
-                rows, tokens = rows[keep], tokens[keep]
-
     # -- the end of a round ----------------------------------------------------------
     def end_rounds(self, ready: list[Problem]) -> list[Problem]:
         """Score, weigh, select and follow every problem in ``ready`` together; returns those
         that finished (evicted, results ready)."""
-        engine, policy = self.engine, ready[0].policy
-        cfg = policy.config
-        n = cfg.num_particles
-        batch = engine.end_round(ready)
-        if policy.scores:
-            if engine.prm is None:
+        core, algorithm = self.core, ready[0].algorithm
+        cfg = algorithm.config
+        batch = core.end_round(ready)
+        if algorithm.scores:
+            if core.prm is None:
                 raise ValueError(f"{cfg.algorithm} needs a PRM")
-            while True:
-                try:
-                    engine.score(batch)
-                    break
-                except OutOfBlocksError:  # the PRM's pool: make room, never by preempting the oldest ready problem
-                    victim = self._preempt_newest(keep=batch.problems[0])
-                    if victim in batch.problems:
-                        batch.drop(victim)
-        batch.nodes = [engine.commit_round(p, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
+            # the PRM's pool: make room, never by preempting the oldest ready problem
+            self.with_room(lambda: core.score(batch), keep=batch.problems[0], on_preempt=batch.drop)
+        batch.nodes = [book.commit(p, core.rows, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
         batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in batch.problems]
         if batch.prm_output is not None:
-            params = cfg.resample_params(batch.reward_kind)
-            while True:
-                out = engine.weigh(batch, params, self._resample_uniforms(cfg, batch.problems))
-                try:
-                    ancestors = policy.select(engine, batch, out)
-                    break
-                except OutOfBlocksError:  # ancestor sampling's spliced futures: make room and weigh again
-                    victim = self._preempt_newest(keep=batch.problems[0])
-                    if victim in batch.problems:  # it redoes this round later; the others go on without it
-                        batch.drop(victim)
-            rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
-            weight_list = weights.tolist()
-            for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
-                for (slot, _, _), node in zip(stepped, new, strict=True):
-                    p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
-            aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
-            for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
-                part = slice(b * n, (b + 1) * n)
-                if chosen is None:
-                    p.aggregates, p.num_steps, p.weights = aggregates[part], num_steps[part], weights[part]
-                else:
-                    p.aggregates, p.num_steps = aggregates[part][chosen], num_steps[part][chosen]
-                    p.weights = torch.full((n,), 1.0 / n)  # the new generation weighs the same
-                    engine.follow(p, chosen)
+            self._select(batch)
+        return self._next_rounds(batch)
+
+    def _select(self, batch: Round) -> None:
+        """Weigh the scored batch in one fused call, let the algorithm choose, and follow its choice."""
+        core, algorithm = self.core, batch.problems[0].algorithm
+        cfg, n = algorithm.config, algorithm.config.num_particles
+        params = cfg.resample_params(batch.reward_kind)
+
+        def weigh_and_select():
+            out = core.weigh(batch, params, self._resample_uniforms(cfg, batch.problems))
+            return out, algorithm.select(core, batch, out)
+
+        # ancestor sampling's spliced futures may need room: a preempted problem redoes this round later
+        out, ancestors = self.with_room(weigh_and_select, keep=batch.problems[0], on_preempt=batch.drop)
+        rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
+        weight_list = weights.tolist()
+        for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
+            for (slot, _, _), node in zip(stepped, new, strict=True):
+                p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
+        aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
+        for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
+            part = slice(b * n, (b + 1) * n)
+            if chosen is None:
+                p.aggregates, p.num_steps, p.weights = aggregates[part], num_steps[part], weights[part]
+            else:
+                p.aggregates, p.num_steps = aggregates[part][chosen], num_steps[part][chosen]
+                p.weights = torch.full((n,), 1.0 / n)  # the new generation weighs the same
+                core.follow(p, chosen)
+
+    def _next_rounds(self, batch: Round) -> list[Problem]:
+        """Each problem of an ended batch leaves (its search is over) or begins its next round."""
         finished = []
-        for p, d in zip(batch.problems, batch.done, strict=True):
-            if d and not policy.end_sweep(engine, p):
+        for p, done in zip(batch.problems, batch.done, strict=True):
+            if done and not p.algorithm.end_sweep(self.core, p):
                 self._leave(p)
                 finished.append(p)
                 continue
-            if not d:
+            if not done:
                 p.step += 1
-            policy.prepare_round(p)
-            engine.begin_round(p)
+            self._begin_round(p)
         return finished
 
     @staticmethod

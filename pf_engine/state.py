@@ -1,4 +1,21 @@
-"""What a search keeps, in two places::
+"""What a search keeps, in two places, and the words the engine uses for it.
+
+Glossary (one word per thing, everywhere in pf_engine)::
+
+    problem    one question and its search (Problem)
+    particle   one partial answer of a problem; it has a slot, and while placed a row
+    slot       a particle's index within its problem, 0 .. num_particles - 1
+    row        a placed particle's line in the Rows table (``problem.rows[slot]``)
+    lane       a placed problem's small id in the Rows table (``Rows.problem``)
+    sequence   a token sequence in one model's KV pool (``seq`` ids, on a block manager)
+    pool       one model's KV cache with its sequences (pf_engine.pool)
+    step       one delimited piece of a particle's text, a node of the tree
+    round      every live particle of a problem writing one step, then the end of the round
+               (score, weigh, select, follow); numbered sweep * max_steps + step in the
+               random streams
+    sweep      particle Gibbs' pass over all steps (other algorithms run one)
+    policy     the language model that writes the steps
+    algorithm  the search (pf_engine.search): what happens to a problem after each round
 
     Problem   durable, at the start of its current round: the tree, each
               particle's newest node, finished flag, token count, running
@@ -118,7 +135,7 @@ class Problem:
     NOTE: ``rows`` is None while the problem waits (never placed, or preempted);
     once placed, row ``rows[slot]`` of the engine's Rows holds the slot's
     sequences and the round in flight, and the problem owns those sequences
-    (and ``root``, its prompt) until it is evicted or finishes.
+    (and ``roots``, its prompt on each pool) until it is evicted or finishes.
     """
 
     index: int  # position in the call (its tree nodes carry it)
@@ -128,20 +145,19 @@ class Problem:
     prompt_ids: list[int]
     prm_prompt_ids: list[int] | None
     rules: StepRules
-    policy: object = None  # the search's SelectionPolicy (pf_engine.search): what the scheduler does after a round
+    algorithm: object = None  # the search's Algorithm (pf_engine.search): what the scheduler does after a round
     lane: int = -1  # while placed: its small id in the engine's rows (``Rows.problem``), given by the scheduler
     sweep: int = 0
     step: int = 0  # round within the sweep
     tree: list[TreeNode] = field(default_factory=list)
     node_tokens: list[list[int]] = field(default_factory=list)  # policy token ids of each node
     rows: np.ndarray | None = None
-    root: int | None = None  # policy sequence of the prompt
-    prm_root: int | None = None
+    roots: list = field(default_factory=lambda: [None, None])  # each pool's sequence of the prompt (pool.index)
     root_hidden: torch.Tensor | None = None  # hidden state of the prompt's last token
     num_writing: int = 0  # rows still writing this round's step
     forced: dict = field(default_factory=dict)  # particle Gibbs: slot -> (token ids, finishes) replayed this round
     committed: tuple | None = None  # (tree size, leaves, PARTICLE_STATE arrays) before the round being ended
-    extra: dict = field(default_factory=dict)  # the selection policy's own state
+    extra: dict = field(default_factory=dict)  # the algorithm's own state
     tokens_generated: int = 0
     prm_tokens: int = 0
     ancestor_tokens: int = 0
@@ -199,7 +215,9 @@ class Round:
     reward_kind: str | None = None
 
     def drop(self, problem: Problem) -> None:
-        """Take ``problem`` out of the batch (it was preempted and redoes the round later)."""
+        """Take ``problem`` out of the batch, if it is in it (it was preempted and redoes the round later)."""
+        if problem not in self.problems:
+            return
         b, n = self.problems.index(problem), problem.num_particles
         for name in ("problems", "steps", "nodes", "done"):
             if getattr(self, name):
@@ -216,7 +234,8 @@ class Rows:
     Per-token work reads and writes these arrays for all writing rows at once.
     """
 
-    def __init__(self, hidden_size: int, dtype, device):
+    def __init__(self, hidden_size: int, dtype, device, num_pools: int = 1):
+        self.num_pools = num_pools  # seq_ids[row, pool.index]: the row's sequence on each pool
         self.max_step_tokens = 1  # the width of the step-token arrays: the widest placed problem's steps
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.capacity = 0
@@ -242,7 +261,8 @@ class Rows:
                 array[:old] = getattr(self, name)
             setattr(self, name, array)
 
-        for name, dtype in (("seq_id", np.int64), ("prm_seq_id", np.int64), ("key", np.int64),
+        extend("seq_ids", (self.num_pools,), np.int64)
+        for name, dtype in (("key", np.int64),
                             ("slot", np.int64), ("round", np.int64), ("problem", np.int64),
                             ("step_len", np.int64), ("num_tokens", np.int64), ("delim", np.int16),
                             ("forced_len", np.int64), ("rule", np.int64), ("continuations", np.int64),

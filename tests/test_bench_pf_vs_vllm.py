@@ -62,12 +62,12 @@ def test_baseline_prm_reads_the_reward_pf_engine_reads(bench, policy):
     job, engine = bench.make_job(type("Args", (), dict(policy=policy, problems=1, kv_cache_mib=64, max_step_tokens=6,
                                                        seed=0, steps=[1], particles=[2], fixed_steps=1,
                                                        fixed_particles=2, device="cpu", dtype="float32"))())
-    steps = [engine.core.prm_tokenizer.encode(s, add_special_tokens=False) for s in ("1+1=2\n\n", "so 2\n\n")]
+    steps = [engine.core.prm.tokenizer.encode(s, add_special_tokens=False) for s in ("1+1=2\n\n", "so 2\n\n")]
     theirs = bench.HfBackend(job).prm([job["prm_prompts"][0] + steps[0] + [job["tag"]] + steps[1] + [job["tag"]]])
     prm = engine.core.prm
     seq = prm.runner.manager.allocate(0)
     prm.runner.forward([seq], [job["prm_prompts"][0]])
-    prm.score([seq], [steps[0]])
-    good, bad = prm.score([seq], [steps[1]])[0].tolist()
+    prm.score_ids([seq], [steps[0]])
+    good, bad = prm.score_ids([seq], [steps[1]])[0].tolist()
     assert theirs[0] == pytest.approx(1 / (1 + math.exp(bad - good)), abs=1e-5)
     assert 0.0 < theirs[0] < 1.0 and not torch.isnan(torch.tensor(theirs)).any()

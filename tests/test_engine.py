@@ -311,7 +311,7 @@ def test_model_prms_score_incrementally(policy, tmp_path, monkeypatch):
             rewards = [n.reward for n in r.tree]
             assert all(0 < x < 1 for x in rewards) and len(set(rewards)) > 1
             prompt = len(core.prm_prompt_ids(q))
-            steps = sum(len(core.prm_tokenizer.encode(n.text, add_special_tokens=False)) + 1 for n in r.tree)
+            steps = sum(len(core.prm.tokenizer.encode(n.text, add_special_tokens=False)) + 1 for n in r.tree)
             assert r.stats["prm_tokens"] == prompt + steps, (r.stats["prm_tokens"], prompt, steps)
         assert sum(r.stats["prm_tokens"] for r in results) == sum(fed)
         prm_manager = core.prm.runner.manager
@@ -337,7 +337,7 @@ def test_prm_sequences_follow_the_policys_resampling(policy, tmp_path, fmt):
     tag_args = {"prm_step_tag": "=", "prm_good": "+", "prm_bad": "-"} if fmt is None else {"prm_format": fmt}
     engine = Engine(policy=policy, prm=prm, **tag_args, kv_cache_memory=8 << 20)
     results = engine.solve(QUESTIONS[:2], SearchConfig(**SMALL | {"num_particles": 6}))
-    fmt = engine.core.prm_format
+    fmt = engine.core.prm.fmt
     hf = AutoModelForCausalLM.from_pretrained(prm, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(prm)
     tag, good, bad = (tokenizer.encode(t, add_special_tokens=False)[0] for t in "=+-")
@@ -391,7 +391,9 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
 
     from transformers import AutoModelForCausalLM
 
+    from pf_engine import book
     from pf_engine.sampling import filtered_logits
+    from pf_engine.search.particle_gibbs import ParticleGibbs
     from pf_engine.state import Problem
 
     engine = Engine(policy=policy, prm=policy, prm_step_tag="=", prm_good="+", prm_bad="-", kv_cache_memory=8 << 20)
@@ -409,14 +411,15 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
         core.feed(rows[feed], tokens[feed])
     batch = core.end_round([problem])
     core.score(batch)  # the PRM's sequences hold the first steps
-    core.commit_round(problem, batch.steps[0])
+    book.commit(problem, core.rows, batch.steps[0])
     assert not problem.finished.any()
     tok = core.tokenizer
     future_texts = ["ab e", "c1"]
     future = [tok.encode(t, add_special_tokens=False) for t in future_texts]
-    free = (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks)
-    loglik, prm_outputs = core.splice([problem] * 3, [0, 1, 2], [future] * 3, [future_texts] * 3, config.sampling)
-    assert (engine.policy.manager.num_free_blocks, core.prm_runner.manager.num_free_blocks) == free
+    free = [manager.num_free_blocks for manager in core.managers]
+    gibbs = ParticleGibbs(config)
+    loglik, prm_outputs = gibbs.splice(core, [problem] * 3, [0, 1, 2], [future] * 3, [future_texts] * 3)
+    assert [manager.num_free_blocks for manager in core.managers] == free
 
     hf = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     prompt, tag = core.prompt_ids(QUESTIONS[0]), core.prm.marker_id
@@ -428,18 +431,18 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
         logp = torch.log_softmax(filtered_logits(logits, config.sampling), dim=-1)
         assert loglik[i].item() == pytest.approx(logp.gather(1, torch.tensor(flat)[:, None]).sum().item(), abs=1e-3)
         # the PRM read: prompt, each step and its tag; spliced steps after the particle's own
-        prm_steps = [core.prm_tokenizer.encode(s, add_special_tokens=False)
+        prm_steps = [core.prm.tokenizer.encode(s, add_special_tokens=False)
                      for s in [problem.steps(i)[0]] + future_texts]
         for k in range(len(future)):
             tokens = [t for s in prm_steps[:k + 2] for t in s + [tag]][:-1]
-            seq = core.prm_runner.manager.allocate(0)
-            core.prm_runner.forward([seq], [core.prm_prompt_ids(QUESTIONS[0])])
-            expected = core.prm.score([seq], [tokens])[0]
-            core.prm_runner.manager.free(seq)
+            seq = core.prm.runner.manager.allocate(0)
+            core.prm.runner.forward([seq], [core.prm_prompt_ids(QUESTIONS[0])])
+            expected = core.prm.score_ids([seq], [tokens])[0]
+            core.prm.runner.manager.free(seq)
             torch.testing.assert_close(prm_outputs[k][i], expected, atol=1e-4, rtol=1e-4)
     assert len(set(loglik.tolist())) > 1, "the candidates' prefixes do not differ: the check would be weak"
     core.evict(problem)
-    assert engine.policy.manager.num_seqs == core.prm_runner.manager.num_seqs == 0
+    assert engine.policy.manager.num_seqs == core.prm.runner.manager.num_seqs == 0
 
 
 def test_an_outcome_model_ranks_best_of_n_and_picks_the_final_answer(policy, tmp_path):

@@ -55,7 +55,7 @@ def run_incremental(prm, prompt, steps_per_round, ancestors):
     texts = {s: list(prompt) for s in seqs}
     scored = []
     for round_, steps in enumerate(steps_per_round):
-        logits = prm.score(seqs, steps)
+        logits = prm.score_ids(seqs, steps)
         for s, step, row in zip(seqs, steps, logits, strict=True):
             texts[s] += step + [prm.marker_id]
             scored.append((list(texts[s]), row))

@@ -104,7 +104,7 @@ def test_bad_formats_are_refused(tokenizer):
 
 
 def test_the_policy_prompt_takes_a_system_turn(tokenizer):
-    from pf_engine.engine import _chat_prompt
+    from pf_engine.core import _chat_prompt
     from pf_engine.prompts import PROMPT_PRESETS
 
     system = PROMPT_PRESETS["qwen2.5-math"]

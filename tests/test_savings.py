@@ -38,8 +38,8 @@ def test_the_savings_equal_what_the_run_did(policy, kv_blocks):
 
     # re-reading the whole partial answer reads what the particle's PRM sequence holds once it is scored
     def reread(out, batch):
-        pm = core.prm_runner.manager
-        seen["reread"] += sum(pm.num_tokens(int(core.rows.prm_seq_id[p.rows[slot]]))
+        pm = core.prm.runner.manager
+        seen["reread"] += sum(pm.num_tokens(int(core.rows.seq_ids[p.rows[slot], 1]))
                               for p, stepped in zip(batch.problems, batch.steps, strict=True)
                               for slot, _, _ in stepped)
     watch(core, "score", reread)
@@ -49,7 +49,8 @@ def test_the_savings_equal_what_the_run_did(policy, kv_blocks):
     def unshared(out):
         r, bs = core.rows, engine.block_size
         placed = np.setdiff1d(np.arange(r.capacity), r.free)
-        for pool, runner, column in (("policy", engine.policy, r.seq_id), ("prm", core.prm_runner, r.prm_seq_id)):
+        for pool, runner, column in (("policy", engine.policy, r.seq_ids[:, 0]), ("prm", core.prm.runner,
+                                                                                 r.seq_ids[:, 1])):
             total = sum(-(-runner.manager.num_tokens(int(seq)) // bs) for seq in column[placed])
             seen[pool] = max(seen.get(pool, 0), total)
     watch(core, "note_blocks", unshared)

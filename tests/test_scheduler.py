@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import assert_resampled, varying_reward
 
-from pf_engine import Engine, OutOfBlocksError, SearchConfig
-from pf_engine.engine import ParticleEngine
+from pf_engine import Engine, OutOfBlocksError, SearchConfig, book
+from pf_engine.core import Core
 from pf_engine.prm_format import PRMFormat
 from pf_engine.scheduler import Scheduler
 from pf_engine.search.config import ALGORITHMS
+from pf_engine.search.particle_gibbs import ParticleGibbs
 from tiny import save_tiny_policy
 
 QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?", "Name a color, please.", "x"]
@@ -54,7 +55,7 @@ def shape(node):
 
 
 def assert_pools_free(engine):
-    for manager in [engine.policy.manager] + ([engine.core.prm_runner.manager] if engine.core.prm_runner else []):
+    for manager in engine.core.managers:
         assert manager.num_free_blocks == manager.num_blocks and manager.num_seqs == 0, manager
 
 
@@ -117,7 +118,7 @@ def test_same_answers_when_the_prm_pool_runs_short(policy, prm_checkpoint, monke
                       kv_cache_memory=blocks * 2 * BLOCK_BYTES)  # a block of each pool
 
     roomy = engine(POOLS["roomy"]).solve(QUESTIONS, CONFIGS[name])
-    short, score = [], ParticleEngine.score
+    short, score = [], Core.score
 
     def counted(self, batch):
         try:
@@ -126,7 +127,7 @@ def test_same_answers_when_the_prm_pool_runs_short(policy, prm_checkpoint, monke
             short.append(len(batch.problems))
             raise
 
-    monkeypatch.setattr(ParticleEngine, "score", counted)
+    monkeypatch.setattr(Core, "score", counted)
     tight_engine = engine(PRM_POOLS[name])
     tight = tight_engine.solve(QUESTIONS, CONFIGS[name])
     assert short, "the PRM's pool never ran short"
@@ -197,9 +198,9 @@ class Boom(Exception):
 
 # (where, how many calls succeed first): every phase of the loop, preemption and the splice
 PHASES = [
-    (ParticleEngine, "place", 2), (ParticleEngine, "sample", 5), (ParticleEngine, "feed", 7),
-    (ParticleEngine, "score", 2), (ParticleEngine, "weigh", 2), (ParticleEngine, "follow", 3),
-    (ParticleEngine, "splice", 1), (ParticleEngine, "commit_round", 3), (Scheduler, "_preempt", 1),
+    (Core, "place", 2), (Core, "sample", 5), (Core, "feed", 7),
+    (Core, "score", 2), (Core, "weigh", 2), (Core, "follow", 3),
+    (ParticleGibbs, "splice", 1), (book, "commit", 3), (Scheduler, "_preempt", 1),
 ]
 
 
@@ -209,18 +210,18 @@ def token_pair_engine(policy):
 
 
 @pytest.mark.parametrize("owner,phase,after,error", [p + (Boom,) for p in PHASES] + [
-    (ParticleEngine, "sample", 9, KeyboardInterrupt), (ParticleEngine, "splice", 2, KeyboardInterrupt)],
+    (Core, "sample", 9, KeyboardInterrupt), (ParticleGibbs, "splice", 2, KeyboardInterrupt)],
     ids=[p[1] for p in PHASES] + ["sample-interrupted", "splice-interrupted"])
 def test_a_failure_in_any_phase_leaves_every_pool_as_it_was(policy, monkeypatch, owner, phase, after, error):
     config = CONFIGS["particle_gibbs+ancestors"]
     engine = token_pair_engine(policy)  # a model PRM: two pools to keep clean
     original, calls = getattr(owner, phase), []
 
-    def failing(self, *args, **kwargs):
+    def failing(*args, **kwargs):
         calls.append(phase)
         if len(calls) > after:
             raise error("injected")
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, phase, failing)
     with pytest.raises(error, match="injected"):
@@ -268,25 +269,32 @@ def test_stats_count_each_problems_own_work(policy):
     assert torch.tensor([r.stats["tokens_generated"] for r in results]).unique().numel() > 1
 
 
-def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, monkeypatch):
-    """``blocks_to_place`` is what admission waits for: the blocks that placing (prefill, or rebuilding
-    a preempted problem from its tree) really takes, and one block per particle for its next tokens.
-    It overshoots by at most two blocks per shared node (a partly filled one, and one the rebuild held
-    for a node's own sequence and gave back once the particles had forked it) and one for the prompt."""
-    engine = engine_with(policy, POOLS["tight"])
-    seen, place = [], ParticleEngine.place
+@pytest.mark.parametrize("prm", ["rule", "model"])
+def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, prm_checkpoint, monkeypatch, prm):
+    """``blocks_to_place`` is what admission waits for, on every pool: the blocks that placing (prefill,
+    or rebuilding a preempted problem from its tree) really takes, and one block per particle for its
+    next tokens. It overshoots by at most two blocks per shared node (a partly filled one, and one the
+    rebuild held for a node's own sequence and gave back once the particles had forked it) and one for
+    the prompt. A model PRM's pool is estimated with what its format adds to every step."""
+    if prm == "rule":
+        engine = engine_with(policy, POOLS["tight"])
+    else:
+        engine = Engine(policy=policy, prm=prm_checkpoint, prm_format=LONG_PRM_FORMAT,
+                        kv_cache_memory=PRM_POOLS["particle_filter"] * 2 * BLOCK_BYTES)
+    seen, place = [], Core.place
 
     def measured(self, problem):
-        before, estimate = self.policy.manager.num_free_blocks, self.blocks_to_place(problem)
+        before, estimates = [m.num_free_blocks for m in self.managers], self.blocks_to_place(problem)
         place(self, problem)
-        used = before - self.policy.manager.num_free_blocks
         nodes = {n for slot in range(problem.num_particles) if not problem.finished[slot]
                  for n in problem.path(slot)}
-        seen.append((estimate, used, len(nodes), bool(problem.tree)))
+        for manager, free, estimate in zip(self.managers, before, estimates, strict=True):
+            seen.append((estimate, free - manager.num_free_blocks, len(nodes), bool(problem.tree)))
 
-    monkeypatch.setattr(ParticleEngine, "place", measured)
+    monkeypatch.setattr(Core, "place", measured)
     engine.solve(QUESTIONS, CONFIGS["particle_filter"])
     assert any(rebuilt for *_, rebuilt in seen), "no problem was rebuilt after a preemption"
+    assert len(seen) % len(engine.core.pools) == 0
     n = CONFIGS["particle_filter"].num_particles
     for estimate, used, nodes, _ in seen:
         assert used <= estimate - n <= used + 2 * nodes + 1, (estimate, used, nodes)
@@ -310,7 +318,7 @@ def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool)
     for name, config in MIXED.items():
         expected[name] = [outcome(engine.solve([{"problem": q, "key": i}], config)[0]) for i, q in enumerate(QUESTIONS)]
     scheduler = Scheduler(engine.core, engine.bytes_per_block)
-    policies = {name: engine.selection_policy(config) for name, config in MIXED.items()}  # one per search
+    policies = {name: engine.algorithm(config) for name, config in MIXED.items()}  # one per search
     jobs = [(name, i, engine.problem(q, i, i, policies[name])) for name in MIXED for i, q in enumerate(QUESTIONS)]
     late = jobs[len(jobs) // 2:]
     for _, _, problem in jobs[:len(jobs) // 2]:
@@ -329,7 +337,7 @@ def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool)
     for name, config in MIXED.items():
         if config.algorithm in RESAMPLING:
             assert_resampled([got[id(problem)] for job, _, problem in jobs if job == name])
-    assert len(engine.core.rules) > 1
+    assert len(engine.core.writer.rules) > 1
     if pool == "tight":
         assert scheduler.num_preemptions > 0
     assert_pools_free(engine)
@@ -338,7 +346,7 @@ def test_problems_of_different_searches_share_one_scheduler(policy, alone, pool)
 def test_cancelling_gives_every_block_back_and_the_others_go_on(policy, alone):
     engine = engine_with(policy, POOLS["tight"])
     scheduler = Scheduler(engine.core, engine.bytes_per_block)
-    policy_ = engine.selection_policy(CONFIGS["particle_filter"])
+    policy_ = engine.algorithm(CONFIGS["particle_filter"])
     problems = [engine.problem({"problem": q, "key": i}, i, i, policy_) for i, q in enumerate(QUESTIONS)]
     for problem in problems:
         scheduler.add(problem)
@@ -405,14 +413,14 @@ def test_prompts_as_raw_text_or_a_conversation(policy):
     tokenizer = engine.core.tokenizer
     chat = engine.problem({"messages": [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": QUESTIONS[0]}]}, 0, 0,
-                          engine.selection_policy(config))
+                          engine.algorithm(config))
     assert chat.question == QUESTIONS[0]
     assert chat.prompt_ids == engine.core.prompt_ids(QUESTIONS[0], "Be brief.")
     with_default = SearchConfig(**SMALL, system_prompt="Be brief.")  # a conversation without a system turn gets it
     chat = engine.problem({"messages": [{"role": "user", "content": QUESTIONS[0]}]}, 0, 0,
-                          engine.selection_policy(with_default))
+                          engine.algorithm(with_default))
     assert chat.prompt_ids == engine.core.prompt_ids(QUESTIONS[0], "Be brief.")
-    raw = engine.problem({"prompt": "2+2="}, 0, 0, engine.selection_policy(config))
+    raw = engine.problem({"prompt": "2+2="}, 0, 0, engine.algorithm(config))
     assert raw.prompt_ids == tokenizer.encode("2+2=", add_special_tokens=True) and raw.question == "2+2="
     [offline] = engine.solve([{"messages": [{"role": "user", "content": QUESTIONS[1]}]}], config)
     assert outcome(offline) == outcome(engine.solve([QUESTIONS[1]], config)[0])
@@ -430,7 +438,7 @@ def test_one_policy_object_serves_problems_of_differing_seeds(policy, name):
     from dataclasses import replace
 
     engine = engine_with(policy, ANCESTOR_POOLS["roomy"])
-    shared = engine.selection_policy(CONFIGS[name])
+    shared = engine.algorithm(CONFIGS[name])
     scheduler = Scheduler(engine.core, engine.bytes_per_block)
     problems = [engine.problem(q, i, i, shared, seed=10 + i) for i, q in enumerate(QUESTIONS)]
     for problem in problems:

@@ -267,7 +267,7 @@ def test_budget_forced_texts_hold_the_wait_phrase_and_no_suppressed_end(engine, 
         assert row["messages"][1]["content"].count(CONFIG.wait_phrase) == CONFIG.num_waits == row["meta"]["num_waits"]
     # in the engine's own token ids: an EOS stands only at the very end of a finished particle's path
     scheduler = Scheduler(engine.core, engine.bytes_per_block)
-    policy = engine.selection_policy(RUNS["but-wait"])
+    policy = engine.algorithm(RUNS["but-wait"])
     for i, p in enumerate(problems):
         scheduler.add(engine.problem(p, i, i, policy))
     eos = engine.core.eos_ids

@@ -4,7 +4,7 @@ each beam_width ways (deterministic selection)."""
 import numpy as np
 import torch
 
-from pf_engine.search.policy import SelectionPolicy
+from pf_engine.search.algorithm import Algorithm
 
 
 def top_ancestors(aggregates: torch.Tensor, group: int, beam_width: int) -> list[int]:
@@ -20,7 +20,13 @@ def top_ancestors(aggregates: torch.Tensor, group: int, beam_width: int) -> list
     return (best + base).repeat_interleave(beam_width, dim=1).flatten().tolist()
 
 
-class BeamSearch(SelectionPolicy):
+class BeamSearch(Algorithm):
+    @classmethod
+    def check(cls, config):
+        if config.beam_width < 1 or config.num_particles % config.beam_width:
+            raise ValueError(f"{config.algorithm} needs num_particles ({config.num_particles}) to be a multiple of "
+                             f"beam_width ({config.beam_width})")
+
     def group(self) -> int:
         return self.config.num_particles
 

@@ -1,8 +1,8 @@
 """Best-of-N: N independent samples, every step scored; the PRM's running score of each
 ranks them, and no particle is ever replaced."""
 
-from pf_engine.search.policy import SelectionPolicy
+from pf_engine.search.algorithm import Algorithm
 
 
-class BestOfN(SelectionPolicy):
-    pass
+class BestOfN(Algorithm):
+    outcome_ranks = True

@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
+from pf_engine.search.registry import ALGORITHMS
 from pf_engine.state import BudgetForcing, StepRules
 
-ALGORITHMS = ("particle_filter", "particle_gibbs", "best_of_n", "beam_search", "dvts", "self_consistency")
 FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
 # The step-end tables take (vocabulary x delimiter length) entries; a server takes these from requests.
 MAX_DELIMITER_CHARS = 64
@@ -132,10 +132,7 @@ class SearchConfig:
         for name in ("max_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.algorithm in ("beam_search", "dvts") and (
-                self.beam_width < 1 or self.num_particles % self.beam_width):
-            raise ValueError(f"{self.algorithm} needs num_particles ({self.num_particles}) to be a multiple of "
-                             f"beam_width ({self.beam_width})")
+        ALGORITHMS[self.algorithm].check(self)
         if self.scheme not in SCHEMES:  # particle Gibbs does not pass it on, so check it here
             raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(self.iterations, int) or self.iterations < 1:
@@ -167,7 +164,7 @@ class SearchConfig:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
     def resample_params(self, reward_kind: str) -> ResampleParams:
-        scheme = "multinomial" if self.algorithm == "particle_gibbs" else self.scheme
+        scheme = ALGORITHMS[self.algorithm].scheme(self)
         return ResampleParams(reward=reward_kind, aggregation=self.aggregation, temperature=self.weight_temperature,
                               scheme=scheme, ess_threshold=self.ess_threshold)
 

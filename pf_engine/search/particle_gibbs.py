@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from pf_engine.philox import ANCESTOR_TOKEN, REFERENCE_TOKEN, search_uniforms
+from pf_engine.prm import StepToScore
 from pf_engine.resample import resample
-from pf_engine.sampling import SamplingParams, sample
-from pf_engine.search.policy import SelectionPolicy, local
+from pf_engine.sampling import SamplingParams, filtered_logits, sample
+from pf_engine.search.algorithm import Algorithm, local
 
 
 @dataclass
@@ -30,7 +31,11 @@ class Reference:
     finished: bool
 
 
-class ParticleGibbs(SelectionPolicy):
+class ParticleGibbs(Algorithm):
+    @classmethod
+    def scheme(cls, config):
+        return "multinomial"  # a draw that keeps the reference out must be independent per particle
+
     def prepare_round(self, problem):
         ref = problem.extra.get("reference")
         if ref is not None and not problem.finished[0] and problem.step < len(ref.step_ids):
@@ -68,8 +73,8 @@ class ParticleGibbs(SelectionPolicy):
         flat = torch.tensor([b * n + slot for b, slot in candidates])
         futures = [problems[b].extra["reference"].step_ids[problems[b].step + 1:] for b, _ in candidates]
         texts = [problems[b].extra["reference"].steps[problems[b].step + 1:] for b, _ in candidates]
-        loglik, prm_outputs = engine.splice([problems[b] for b, _ in candidates], [s for _, s in candidates],
-                                            futures, texts, cfg.sampling)
+        loglik, prm_outputs = self.splice(engine, [problems[b] for b, _ in candidates], [s for _, s in candidates],
+                                          futures, texts)
         logw = torch.log(weights[flat].double()) + loglik
         # The weights the spliced steps would get, step after step, within each problem's candidates.
         params = cfg.resample_params(engine.prm.reward_kind)
@@ -100,5 +105,71 @@ class ParticleGibbs(SelectionPolicy):
         slot = int(sample(logw, SamplingParams(temperature=1.0), uniforms=uniform)[0])
         problem.extra["reference"] = Reference(problem.step_ids(slot), problem.steps(slot),
                                                bool(problem.finished[slot]))
-        engine.restart_sweep(problem)
+        engine.restart(problem)
         return True
+
+    def splice(self, engine, problem_of, slots, futures, future_texts) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """How each candidate prefix (``problem_of[i]``'s particle ``slots[i]``) would carry a
+        reference path's future (ancestor sampling).
+
+        ``futures[i]`` / ``future_texts[i]``: token ids / texts of the steps that
+        follow candidate ``i``'s prefix on the reference path (at least one). Returns
+
+        - the log-likelihood of each future under the sampling distribution given
+          its candidate's prefix: float64 [num_candidates];
+        - for k = 0, 1, ...: the PRM output of the k-th future step of the
+          candidates whose future has one (rows in candidate order): rewards [m]
+          for a rule PRM, logits [m, 2] for a model PRM.
+
+        The candidates' sequences are forked, extended and freed on every pool: nothing stays.
+        """
+        rows = np.array([p.rows[s] for p, s in zip(problem_of, slots, strict=True)], dtype=np.int64)
+        with engine.timing("ancestors"):
+            loglik = self._future_loglik(engine, problem_of, rows, futures)
+            return loglik, self._future_rewards(engine, problem_of, slots, rows, future_texts)
+
+    def _future_loglik(self, engine, problem_of, rows, futures) -> torch.Tensor:
+        r, policy, pool = engine.rows, engine.policy, engine.pools[0]
+        loglik = torch.zeros(len(rows), dtype=torch.float64)
+        tokens = [[t for step in future for t in step] for future in futures]
+        forks = []
+        try:
+            for seq in r.seq_ids[rows, pool.index].tolist():
+                forks.append(pool.manager.fork(seq))
+            hidden = policy.forward(forks, tokens)
+            for p, ids in zip(problem_of, tokens, strict=True):
+                p.ancestor_tokens += len(ids)
+            engine.note_blocks()
+            first = policy.logits(r.hidden[torch.from_numpy(rows)])
+            start = 0
+            for i, ids in enumerate(tokens):
+                within = hidden[start:start + len(ids) - 1]  # the last token predicts nothing we need
+                start += len(ids)
+                logits = torch.cat([first[i:i + 1], policy.logits(within)])
+                logp = torch.log_softmax(filtered_logits(logits, self.config.sampling), dim=-1)
+                loglik[i] = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None]).double().sum()
+        finally:
+            for seq in forks:
+                pool.manager.free(seq)
+        return loglik
+
+    def _future_rewards(self, engine, problem_of, slots, rows, future_texts) -> list[torch.Tensor]:
+        """The PRM's output of each future step, on forks of the candidates' sequences of every
+        scoring pool (a model PRM's; a rule PRM reads none)."""
+        scoring = engine.pools[1:]
+        forks = {pool.index: [] for pool in scoring}
+        try:
+            for pool in scoring:
+                for seq in engine.rows.seq_ids[rows, pool.index].tolist():
+                    forks[pool.index].append(pool.manager.fork(seq))
+            seqs = forks[scoring[-1].index] if scoring else [-1] * len(rows)
+            outputs = []
+            for k in range(max(map(len, future_texts))):
+                chosen = [i for i, texts in enumerate(future_texts) if len(texts) > k]
+                outputs.append(engine.prm.score([StepToScore(problem_of[i], slots[i], seqs[i], future_texts[i][k],
+                                                             tuple(future_texts[i][:k])) for i in chosen]))
+            return outputs
+        finally:
+            for pool in scoring:
+                for seq in forks[pool.index]:
+                    pool.manager.free(seq)

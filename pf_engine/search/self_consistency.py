@@ -1,8 +1,9 @@
 """Self-consistency: N independent samples and no PRM; every particle weighs the same and a
 majority vote over equivalent answers picks the answer."""
 
-from pf_engine.search.policy import SelectionPolicy
+from pf_engine.search.algorithm import Algorithm
 
 
-class SelfConsistency(SelectionPolicy):
+class SelfConsistency(Algorithm):
     scores = False
+    votes = True

@@ -22,11 +22,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from pf_engine.api import Engine
-from pf_engine.engine import PEAK_STATS
+from pf_engine.core import PEAK_STATS
 from pf_engine.errors import OutOfBlocksError
-from pf_engine.search import SelectionPolicy
+from pf_engine.search import Algorithm
 from pf_engine.server import schema
-from pf_engine.server.loop import EngineLoop, QueueFull, Ticket
+from pf_engine.server.loop import QueueFull, ServerLoop, Ticket
 from pf_engine.server.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -51,10 +51,10 @@ from pf_engine.server.schema import (
     ModelList,
 )
 
-MAX_POLICIES = 256  # selection policies kept for reuse: requests of one config end their rounds together
+MAX_ALGORITHMS = 256  # algorithm objects kept for reuse: requests of one config end their rounds together
 
 class Metrics:
-    def __init__(self, loop: EngineLoop):
+    def __init__(self, loop: ServerLoop):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("pf_engine_requests", "HTTP requests answered (499: the client went away first; "
                                 "path: the route, or other)", ["path", "status"], registry=r)
@@ -134,7 +134,7 @@ class _EngineStats:
 def build_app(engine: Engine, limits: Limits, api_key: str | None = None, max_queue: int = 1024,
               max_running: int | None = None, progress_interval: float = 1.0) -> FastAPI:
     """The app serving ``engine``; its engine loop runs while the app does (lifespan)."""
-    loop = EngineLoop(engine, max_queue, progress_interval, max_running)
+    loop = ServerLoop(engine, max_queue, progress_interval, max_running)
     metrics = Metrics(loop)
     loop.on_finish = metrics.finished
     paths: set[str] = set()  # the routes, filled below: /metrics labels other paths "other"
@@ -238,21 +238,21 @@ class _Searches:
     """What the search endpoints do with a request: check it, hand it to the engine loop, and answer
     with the result (or stream its progress and steps); a client that goes away cancels it."""
 
-    def __init__(self, engine: Engine, limits: Limits, loop: EngineLoop, progress_interval: float):
+    def __init__(self, engine: Engine, limits: Limits, loop: ServerLoop, progress_interval: float):
         self.engine, self.limits, self.loop, self.progress_interval = engine, limits, loop, progress_interval
-        self.policies: dict = {}  # config (seed 0) -> SelectionPolicy, at most MAX_POLICIES
+        self.algorithms: dict = {}  # config (seed 0) -> Algorithm, at most MAX_ALGORITHMS
 
-    def selection_policy(self, job: Job) -> SelectionPolicy:
+    def selection_policy(self, job: Job) -> Algorithm:
         """One policy object per config but its seed: requests of one search end their rounds together."""
         config = replace(job.config, seed=0)
-        if config not in self.policies:
-            if len(self.policies) >= MAX_POLICIES:
-                self.policies.clear()
+        if config not in self.algorithms:
+            if len(self.algorithms) >= MAX_ALGORITHMS:
+                self.algorithms.clear()
             try:
-                self.policies[config] = self.engine.selection_policy(config)
+                self.algorithms[config] = self.engine.algorithm(config)
             except ValueError as exc:
                 raise RequestError(str(exc), "search.algorithm") from None
-        return self.policies[config]
+        return self.algorithms[config]
 
     async def answer(self, body, request: Request):
         job, ticket = self._submit(body, request)

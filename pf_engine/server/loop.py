@@ -52,7 +52,7 @@ class Ticket:
             pass
 
 
-class EngineLoop:
+class ServerLoop:
     def __init__(self, engine: Engine, max_queue: int, progress_interval: float = 1.0,
                  max_running: int | None = None, on_finish=None):
         self.engine, self.max_queue, self.progress_interval = engine, max_queue, progress_interval
@@ -94,7 +94,7 @@ class EngineLoop:
 
     @property
     def kv_blocks_in_use(self) -> int:
-        return sum(m.num_blocks - m.num_free_blocks for m in self.scheduler.managers)
+        return sum(m.num_blocks - m.num_free_blocks for m in self.scheduler.core.managers)
 
     # -- the engine thread ---------------------------------------------------------
     def _run(self) -> None:

@@ -1,37 +1,48 @@
 """What a search algorithm decides for a problem after each of its rounds: one small
-policy object per algorithm, shared by every problem of a call (per-problem state
-lives on the Problem)."""
+object per algorithm and config, shared by every problem of a call (per-problem state
+lives on the Problem, in ``problem.extra``)."""
 
 import numpy as np
 
-from pf_engine.engine import ParticleEngine
+from pf_engine.core import Core
 from pf_engine.resample import ResampleOutput
 from pf_engine.search.config import SearchConfig
 from pf_engine.state import Problem, Round
 
 
-class SelectionPolicy:
+class Algorithm:
     """The default: score every step, keep every particle (no selection).
 
     NOTE: ``config.seed`` is not read here: each problem draws with its own ``rules.seed``, so
-    problems of differing seeds share a policy object and end their rounds together.
+    problems of differing seeds share an algorithm object and end their rounds together.
     """
 
     scores = True  # the PRM scores every step (and the fused step weighs it)
+    votes = False  # the answer is the weighted vote, whatever config.final_answer says
+    outcome_ranks = False  # with no PRM but an outcome model, the outcome model ranks the particles
 
     def __init__(self, config: SearchConfig):
         self.config = config
 
+    @classmethod
+    def check(cls, config: SearchConfig) -> None:
+        """ValueError where ``config`` does not suit the algorithm (SearchConfig calls it)."""
+
+    @classmethod
+    def scheme(cls, config: SearchConfig) -> str:
+        """The resampling scheme the fused step uses."""
+        return config.scheme
+
     def prepare_round(self, problem: Problem) -> None:
         """Before a round: set ``problem.forced`` for slots that replay given tokens."""
 
-    def select(self, engine: ParticleEngine, batch: Round, out: ResampleOutput) -> list[np.ndarray | None]:
+    def select(self, engine: Core, batch: Round, out: ResampleOutput) -> list[np.ndarray | None]:
         """After a scored round (its problems weighed together in ``out``): each problem's next
         generation as local ancestors (slot j copies slot ancestors[j]), or None to keep the
         particles and carry their weights. Problems ending their sweep (``batch.done``) keep theirs."""
         return [None] * len(batch.problems)
 
-    def end_sweep(self, engine: ParticleEngine, problem: Problem) -> bool:
+    def end_sweep(self, engine: Core, problem: Problem) -> bool:
         """At the end of a sweep: whether the problem runs another (particle Gibbs)."""
         return False
 
