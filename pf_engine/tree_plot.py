@@ -69,7 +69,6 @@ def plot_tree(records: list[dict], path, title: str | None = None) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.collections import LineCollection
         from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
         raise ImportError("tree pictures need matplotlib (a dependency of pf-engine): pip install matplotlib") from exc
@@ -80,41 +79,8 @@ def plot_tree(records: list[dict], path, title: str | None = None) -> None:
     height = max(layout.y.values()) + 1
     fig, axes = plt.subplots(len(layout.sweeps), 1, squeeze=False,
                              figsize=(min(4 + 0.9 * width, 30), min(1.5 + 0.16 * height, 14) * len(layout.sweeps)))
-    cmap = plt.get_cmap("viridis")
     for ax, sweep in zip(axes[:, 0], layout.sweeps, strict=True):
-        nodes = [r for r in records if r["iteration"] == sweep]
-        column_max = {}
-        for r in nodes:
-            column_max[r["depth"]] = max(column_max.get(r["depth"], 0.0), r["weight"] or 0.0)
-        dead_edges, live_edges, live_widths, chosen_edges = [], [], [], []
-        for r in nodes:
-            if r["parent"] < 0 or r["parent"] not in layout.x:
-                continue
-            n, p = r["node"], r["parent"]
-            segment = [(layout.x[p], layout.y[p]), (layout.x[n], layout.y[n])]
-            if n in layout.alive:
-                live_edges.append(segment)
-                live_widths.append(0.6 + 3.0 * (r["weight"] or 0.0) / (column_max[r["depth"]] or 1.0))
-            else:
-                dead_edges.append(segment)
-            if n in layout.chosen:
-                chosen_edges.append(segment)
-        ax.add_collection(LineCollection(dead_edges, colors="0.82", linewidths=0.5, zorder=1))
-        ax.add_collection(LineCollection(live_edges, colors="tab:blue", linewidths=live_widths, alpha=0.6, zorder=2))
-        ax.add_collection(LineCollection(chosen_edges, colors="tab:red", linewidths=2.5, zorder=3))
-        dead = [r for r in nodes if r["node"] not in layout.alive]
-        live = [r for r in nodes if r["node"] in layout.alive]
-        ax.scatter([layout.x[r["node"]] for r in dead], [layout.y[r["node"]] for r in dead], s=8, c="0.75", zorder=4)
-        points = ax.scatter([layout.x[r["node"]] for r in live], [layout.y[r["node"]] for r in live], s=18,
-                            c=[r["reward"] if r["reward"] is not None else 0.5 for r in live], cmap=cmap, vmin=0,
-                            vmax=1, zorder=5)
-        references = [r for r in nodes if r["reference"]]
-        if references:
-            ax.scatter([layout.x[r["node"]] for r in references], [layout.y[r["node"]] for r in references], s=70,
-                       facecolors="none", edgecolors="black", linewidths=1.2, zorder=6)
-        chosen = [r for r in nodes if r["node"] in layout.chosen]
-        ax.scatter([layout.x[r["node"]] for r in chosen], [layout.y[r["node"]] for r in chosen], s=30, c="tab:red",
-                   zorder=7)
+        points, references = _draw_sweep(ax, [r for r in records if r["iteration"] == sweep], layout)
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
         ax.set_xlabel("step")
@@ -130,6 +96,52 @@ def plot_tree(records: list[dict], path, title: str | None = None) -> None:
         replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
+
+
+def _edges(nodes: list[dict], layout: TreeLayout) -> tuple[list, list, list, list]:
+    """Segments of one sweep's dead, live (with their widths) and chosen edges."""
+    column_max = {}
+    for r in nodes:
+        column_max[r["depth"]] = max(column_max.get(r["depth"], 0.0), r["weight"] or 0.0)
+    dead_edges, live_edges, live_widths, chosen_edges = [], [], [], []
+    for r in nodes:
+        if r["parent"] < 0 or r["parent"] not in layout.x:
+            continue
+        n, p = r["node"], r["parent"]
+        segment = [(layout.x[p], layout.y[p]), (layout.x[n], layout.y[n])]
+        if n in layout.alive:
+            live_edges.append(segment)
+            live_widths.append(0.6 + 3.0 * (r["weight"] or 0.0) / (column_max[r["depth"]] or 1.0))
+        else:
+            dead_edges.append(segment)
+        if n in layout.chosen:
+            chosen_edges.append(segment)
+    return dead_edges, live_edges, live_widths, chosen_edges
+
+
+def _draw_sweep(ax, nodes: list[dict], layout: TreeLayout):
+    """One sweep's edges and nodes on ``ax``; returns the live nodes' scatter (for the colour bar) and
+    the reference's replayed nodes."""
+    from matplotlib.collections import LineCollection
+
+    dead_edges, live_edges, live_widths, chosen_edges = _edges(nodes, layout)
+    ax.add_collection(LineCollection(dead_edges, colors="0.82", linewidths=0.5, zorder=1))
+    ax.add_collection(LineCollection(live_edges, colors="tab:blue", linewidths=live_widths, alpha=0.6, zorder=2))
+    ax.add_collection(LineCollection(chosen_edges, colors="tab:red", linewidths=2.5, zorder=3))
+    dead = [r for r in nodes if r["node"] not in layout.alive]
+    live = [r for r in nodes if r["node"] in layout.alive]
+    ax.scatter([layout.x[r["node"]] for r in dead], [layout.y[r["node"]] for r in dead], s=8, c="0.75", zorder=4)
+    points = ax.scatter([layout.x[r["node"]] for r in live], [layout.y[r["node"]] for r in live], s=18,
+                        c=[r["reward"] if r["reward"] is not None else 0.5 for r in live], cmap="viridis", vmin=0,
+                        vmax=1, zorder=5)
+    references = [r for r in nodes if r["reference"]]
+    if references:
+        ax.scatter([layout.x[r["node"]] for r in references], [layout.y[r["node"]] for r in references], s=70,
+                   facecolors="none", edgecolors="black", linewidths=1.2, zorder=6)
+    chosen = [r for r in nodes if r["node"] in layout.chosen]
+    ax.scatter([layout.x[r["node"]] for r in chosen], [layout.y[r["node"]] for r in chosen], s=30, c="tab:red",
+               zorder=7)
+    return points, references
 
 
 def plot_tree_file(tree_jsonl, problem: int, path) -> None:

@@ -111,6 +111,19 @@ class SearchConfig:
     pf_engine.BudgetForcing (min_continuations, min_tokens, max_tokens, wait_phrase, end_phrase)."""
 
     def __post_init__(self):
+        self._coerce()
+        self._check_names()
+        self._check_sizes()
+        ALGORITHMS[self.algorithm].check(self)
+        self._check_sweeps()
+        self._check_texts()
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
+        _ = self.sampling  # validates top_p and top_k
+        self.resample_params("reward")  # validates aggregation, scheme, weight_temperature, ess_threshold
+
+    def _coerce(self) -> None:
+        """Budget forcing given as a dict becomes BudgetForcing; every field has its annotated type."""
         if isinstance(self.budget_forcing, dict):
             unknown = sorted(set(self.budget_forcing) - set(BudgetForcing.__dataclass_fields__))
             if unknown:
@@ -119,10 +132,14 @@ class SearchConfig:
             object.__setattr__(self, "budget_forcing", BudgetForcing(**self.budget_forcing))
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
+
+    def _check_names(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.final_answer not in FINAL_ANSWERS:
             raise ValueError(f"unknown final_answer {self.final_answer!r}; choose one of {', '.join(FINAL_ANSWERS)}")
+
+    def _check_sizes(self) -> None:
         if not isinstance(self.num_particles, int) or not 1 <= self.num_particles <= MAX_PARTICLES:
             raise ValueError(f"num_particles must be an int in [1, {MAX_PARTICLES}], got {self.num_particles!r}")
         if not self.temperature > 0:
@@ -132,7 +149,8 @@ class SearchConfig:
         for name in ("max_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        ALGORITHMS[self.algorithm].check(self)
+
+    def _check_sweeps(self) -> None:
         if self.scheme not in SCHEMES:  # particle Gibbs does not pass it on, so check it here
             raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(self.iterations, int) or self.iterations < 1:
@@ -141,6 +159,8 @@ class SearchConfig:
             raise ValueError(f"iterations * max_steps must be <= {MAX_ROUNDS}, got {self.iterations * self.max_steps}")
         if self.ancestor_sampling and self.ess_threshold is not None:
             raise ValueError("ancestor_sampling assumes resampling after every step: leave ess_threshold None")
+
+    def _check_texts(self) -> None:
         if not 1 <= len(self.step_delimiter) <= MAX_DELIMITER_CHARS:
             raise ValueError(f"step_delimiter must be a non-empty string of at most {MAX_DELIMITER_CHARS} characters")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
@@ -154,10 +174,6 @@ class SearchConfig:
         if forcing is not None and any(self.step_delimiter in phrase for phrase in (
                 forcing.wait_phrase, *((forcing.end_phrase,) if forcing.max_tokens is not None else ()))):
             raise ValueError("budget_forcing: a forced phrase must not hold step_delimiter (it would end its step)")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
-            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
-        _ = self.sampling  # validates top_p and top_k
-        self.resample_params("reward")  # validates aggregation, scheme, weight_temperature, ess_threshold
 
     @property
     def sampling(self) -> SamplingParams:
