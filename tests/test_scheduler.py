@@ -2,6 +2,7 @@
 results streamed as problems finish; and every pool as it was after any failure."""
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -278,9 +279,9 @@ def test_the_admission_estimate_holds_what_placing_a_problem_takes(policy, prm_c
     the prompt. A model PRM's pool is estimated with what its format adds to every step."""
     if prm == "rule":
         engine = engine_with(policy, POOLS["tight"])
-    else:
-        engine = Engine(policy=policy, prm=prm_checkpoint, prm_format=LONG_PRM_FORMAT,
-                        kv_cache_memory=PRM_POOLS["particle_filter"] * 2 * BLOCK_BYTES)
+    else:  # the PRM reads several blocks a step more than the policy writes: the format's share counts
+        fmt = replace(LONG_PRM_FORMAT, step_suffix=" Is this step right? Answer with a plus or a minus:")
+        engine = Engine(policy=policy, prm=prm_checkpoint, prm_format=fmt, kv_cache_memory=96 * 2 * BLOCK_BYTES)
     seen, place = [], Core.place
 
     def measured(self, problem):
