@@ -9,9 +9,16 @@ import ctypes.util
 import os
 import shutil
 import subprocess
+import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# The Triton kernels' folder is called kernels/, and so is Hugging Face's package (transformers
+# needs it), which hooks setuptools' egg_info: run from this folder, `import kernels` would find
+# ours. Nothing here imports from this folder, so it leaves sys.path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 CUDA_SOURCES = sorted(os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join("csrc", "cuda"))
                       if f.endswith(".cu"))

@@ -242,7 +242,8 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
   m.def(
       "fused_resample",
       [](std::uintptr_t seg, int64_t num_problems, std::uintptr_t prm, std::uintptr_t live, std::uintptr_t aggregates,
-         std::uintptr_t num_steps, std::uintptr_t uniforms, uint64_t seed, uint64_t counter,
+         std::uintptr_t num_steps, std::uintptr_t uniforms, std::uintptr_t temperatures, uint64_t seed,
+         uint64_t counter,
          pf_engine::RewardKind reward, pf_engine::Aggregation aggregation, pf_engine::Scheme scheme,
          float inv_temperature, float clip, double ess_threshold, std::uintptr_t rewards_out,
          std::uintptr_t aggregates_out, std::uintptr_t num_steps_out, std::uintptr_t weights_out,
@@ -252,7 +253,8 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
         pf_engine::ResampleInputs in{
             reinterpret_cast<const int64_t*>(seg), num_problems, reinterpret_cast<const float*>(prm),
             reinterpret_cast<const uint8_t*>(live), reinterpret_cast<const float*>(aggregates),
-            reinterpret_cast<const int32_t*>(num_steps), reinterpret_cast<const float*>(uniforms), seed, counter,
+            reinterpret_cast<const int32_t*>(num_steps), reinterpret_cast<const float*>(uniforms),
+            reinterpret_cast<const float*>(temperatures), seed, counter,
             reward, aggregation, scheme, inv_temperature, clip, ess_threshold};
         pf_engine::ResampleOutputs out{
             reinterpret_cast<float*>(rewards_out), reinterpret_cast<float*>(aggregates_out),
@@ -265,14 +267,14 @@ Returns int32 arrays ``indptr`` [N + 1], ``indices`` [indptr[N]] and
         return pf_engine::fused_resample(in, out);
       },
       py::kw_only(), py::arg("seg"), py::arg("num_problems"), py::arg("prm"), py::arg("live"), py::arg("aggregates"),
-      py::arg("num_steps"), py::arg("uniforms"), py::arg("seed"), py::arg("counter"), py::arg("reward"),
+      py::arg("num_steps"), py::arg("uniforms"), py::arg("temperatures"), py::arg("seed"), py::arg("counter"), py::arg("reward"),
       py::arg("aggregation"), py::arg("scheme"), py::arg("inv_temperature"), py::arg("clip"),
       py::arg("ess_threshold"), py::arg("rewards_out"), py::arg("aggregates_out"), py::arg("num_steps_out"),
       py::arg("weights_out"), py::arg("ess_out"), py::arg("resampled_out"), py::arg("ancestors_out"),
       py::arg("next_aggregates_out"), py::arg("next_num_steps_out"), py::arg("next_live_out"),
       py::arg("invalid_out"),
       "One particle-filter step for all problems on the CPU (see pf_engine/resample.py); returns the number of "
-      "live particles with unusable PRM output. uniforms may be 0: Philox draws.");
+      "live particles with unusable PRM output. uniforms may be 0: Philox draws; temperatures may be 0: all 1.");
   m.def(
       "paged_decode_attention",
       [](std::uintptr_t q, std::uintptr_t kv, std::uintptr_t block_tables, std::uintptr_t seq_lens,

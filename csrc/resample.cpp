@@ -245,7 +245,8 @@ int64_t fused_resample(const ResampleInputs& in, const ResampleOutputs& out) {
   for (int64_t b = 0; b < in.num_problems; ++b) {
     const int64_t start = in.seg[b], n = in.seg[b + 1] - start;
     float* w = out.weights + start;
-    float ess = weigh(out.aggregates + start, n, in.inv_temperature, in.clip, w);
+    const float inv_t = in.temperatures ? in.inv_temperature / in.temperatures[b] : in.inv_temperature;
+    float ess = weigh(out.aggregates + start, n, inv_t, in.clip, w);
     bool resample = std::isinf(in.ess_threshold) || ess < static_cast<float>(in.ess_threshold * static_cast<double>(n));
     out.ess[b] = ess;
     out.resampled[b] = resample;

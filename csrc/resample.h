@@ -23,12 +23,13 @@ struct ResampleInputs {
   const float* aggregates;    // [num_particles]
   const int32_t* num_steps;   // [num_particles]
   const float* uniforms;      // [num_particles] in [0, 1), or nullptr: Philox draws
+  const float* temperatures;  // [num_problems] each problem's own weight temperature (> 0), or nullptr: all 1
   uint64_t seed;              // Philox key
   uint64_t counter;           // call number: draw of particle i is at offset (counter << 32) + i
   RewardKind reward;
   Aggregation aggregation;
   Scheme scheme;
-  float inv_temperature;
+  float inv_temperature;      // 1 / the weight temperature every problem shares
   float clip;
   double ess_threshold;       // +inf: always resample
 };

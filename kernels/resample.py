@@ -49,12 +49,13 @@ def _count_le(cdf_ptr, n, points, lane_mask, LOG2_BLOCK: tl.constexpr):
 # live_ptr:     [num_particles] int8
 # agg_ptr:      [num_particles] float32    steps_ptr: [num_particles] int32
 # uniforms_ptr: [num_particles] float32 (read when USE_UNIFORMS)
+# temp_ptr:     [num_problems] float32 each problem's own weight temperature (read when USE_TEMPERATURES)
 # scratch_ptr:  [num_particles] float64 (cdf for the binary search)
 # outputs [num_particles]: reward, agg_out, steps_out, weight, ancestor (int32),
 #   next_agg, next_steps, next_live (int8); [num_problems]: ess, resampled (int8), invalid (int32)
 @triton.jit
 def _fused_resample_kernel(
-    seg_ptr, prm_ptr, live_ptr, agg_ptr, steps_ptr, uniforms_ptr, scratch_ptr,
+    seg_ptr, prm_ptr, live_ptr, agg_ptr, steps_ptr, uniforms_ptr, temp_ptr, scratch_ptr,
     reward_ptr, agg_out_ptr, steps_out_ptr, weight_ptr, ancestor_ptr,
     next_agg_ptr, next_steps_ptr, next_live_ptr, ess_ptr, resampled_ptr, invalid_ptr,
     seed, rand_base, inv_temperature, clip, ess_threshold,
@@ -62,6 +63,7 @@ def _fused_resample_kernel(
     AGGREGATION: tl.constexpr,  # _AGGREGATION_*
     SCHEME: tl.constexpr,  # _SCHEME_*
     USE_UNIFORMS: tl.constexpr,
+    USE_TEMPERATURES: tl.constexpr,
     BLOCK: tl.constexpr,
     LOG2_BLOCK: tl.constexpr,
 ):
@@ -108,6 +110,8 @@ def _fused_resample_kernel(
     tl.store(steps_out_ptr + g, steps, mask=mask)
 
     # Weights: softmax of logit(clip(agg)) / temperature within the problem.
+    if USE_TEMPERATURES:
+        inv_temperature = inv_temperature / tl.load(temp_ptr + pid)
     a = tl.minimum(tl.maximum(agg, clip), 1.0 - clip)
     logw = (tl.log(a) - tl.log(1.0 - a)) * inv_temperature
     logw = tl.where(mask, logw, float("-inf"))
@@ -182,8 +186,7 @@ def fused_resample(inputs, params, out, invalid) -> None:
     """
     layout = inputs.layout
     tensors = [inputs.prm_output, inputs.live, inputs.aggregates, inputs.num_steps, *out, invalid]
-    if inputs.uniforms is not None:
-        tensors.append(inputs.uniforms)
+    tensors += [t for t in (inputs.uniforms, inputs.temperatures) if t is not None]
     device = inputs.aggregates.device
     for t in tensors:
         if t.device != device or not t.is_contiguous():
@@ -195,6 +198,7 @@ def fused_resample(inputs, params, out, invalid) -> None:
     _fused_resample_kernel[(layout.num_problems,)](
         layout.seg_device, inputs.prm_output, inputs.live.view(torch.int8), inputs.aggregates, inputs.num_steps,
         inputs.aggregates if inputs.uniforms is None else inputs.uniforms,  # not read without uniforms
+        inputs.aggregates if inputs.temperatures is None else inputs.temperatures,  # nor this without temperatures
         scratch,
         out.rewards, out.aggregates, out.num_steps, out.weights, out.ancestors,
         out.next_aggregates, out.next_num_steps, out.next_live, out.ess, out.resampled, invalid,
@@ -203,6 +207,7 @@ def fused_resample(inputs, params, out, invalid) -> None:
         AGGREGATION=AGGREGATION_CODES[params.aggregation].value,
         SCHEME=SCHEME_CODES[params.scheme].value,
         USE_UNIFORMS=inputs.uniforms is not None,
+        USE_TEMPERATURES=inputs.temperatures is not None,
         BLOCK=block,
         LOG2_BLOCK=block.bit_length() - 1,
     )

@@ -130,10 +130,25 @@ def resample_impl(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "native"
 
 
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks a linear weight of ``dtype`` on this CPU: its bfloat16 path needs
+    AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and refuses other CPUs at the first pack. Asked of
+    oneDNN itself, once, on a small weight."""
+    if not HAS_ONEDNN_LINEAR:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
 def linear_impl(device: torch.device | str, dtype: torch.dtype) -> str:
-    """What runs a model's linear layers: "onednn" (prepacked) for float32/bfloat16 on the CPU, else "torch_linear"."""
+    """What runs a model's linear layers: "onednn" (prepacked) for float32, and bfloat16 where the CPU
+    has oneDNN's bf16 path, else "torch_linear"."""
     cpu = torch.device(device).type == "cpu"
-    return "onednn" if cpu and HAS_ONEDNN_LINEAR and dtype in (torch.float32, torch.bfloat16) else "torch_linear"
+    return "onednn" if cpu and dtype in (torch.float32, torch.bfloat16) and onednn_packs(dtype) else "torch_linear"
 
 
 def kernels(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, str]:

@@ -17,12 +17,12 @@ NOTE: the invariants the scheduler relies on.
 
 import numpy as np
 
-from pf_engine.state import PARTICLE_STATE, Problem, Rows, TreeNode
+from pf_engine.state import PARTICLE_STATE, Problem, RowTable, TreeNode
 
 
-def commit(problem: Problem, rows: Rows, steps: list[tuple[int, list[int], str]]) -> list[int]:
+def commit(problem: Problem, table: RowTable, steps: list[tuple[int, list[int], str]]) -> list[int]:
     """The round's steps join the tree and the particles' durable state; returns their nodes."""
-    r, placed = rows, problem.rows
+    r, placed = table, problem.rows
     problem.committed = (len(problem.tree), problem.leaf.copy(),
                          {name: getattr(problem, name) for name in PARTICLE_STATE})
     nodes = []

@@ -70,8 +70,8 @@ class Core:
             "seconds_score": 0.0, "seconds_resample": 0.0, "seconds_ancestors": 0.0}
 
     @property
-    def rows(self):
-        return self.writer.rows
+    def table(self):
+        return self.writer.table
 
     @property
     def managers(self) -> list:
@@ -134,7 +134,7 @@ class Core:
         if problem.rows is None:
             return
         for pool in self.pools:
-            pool.evict(self.rows, problem)
+            pool.evict(self.table, problem)
         self.writer.give_back(problem)
         problem.root_hidden = None
         problem.num_writing = 0
@@ -146,15 +146,15 @@ class Core:
     @_timed("decode")
     def sample(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Draw the next token of every writing row and apply the step-end rules (StepWriter.write)."""
-        return self.writer.write(rows, self.policy.logits(self.rows.hidden[torch.from_numpy(rows)]))
+        return self.writer.write(rows, self.policy.logits(self.table.hidden[torch.from_numpy(rows)]))
 
     @_timed("decode")
     def feed(self, rows: np.ndarray, tokens: np.ndarray) -> None:
         """Run the model on each row's newest token; keep its hidden state for the next draw."""
         if len(rows) == 0:
             return
-        hidden = self.policy.run(self.rows.seq_ids[rows, 0], np.ones(len(rows), dtype=np.int64), tokens)
-        self.rows.hidden[torch.from_numpy(rows)] = hidden
+        hidden = self.policy.run(self.table.seq_ids[rows, 0], np.ones(len(rows), dtype=np.int64), tokens)
+        self.table.hidden[torch.from_numpy(rows)] = hidden
         self.stats["decode_forwards"] += 1
         self.stats["decode_sequences"] += len(rows)
         self.note_blocks()
@@ -174,7 +174,7 @@ class Core:
         index = torch.tensor([b * n + slot for b, slot, _ in flat], dtype=torch.long)
         live = torch.zeros(len(problems) * n, dtype=torch.bool)
         live[index] = True
-        column = self.rows.seq_ids[:, self.pools[-1].index]  # a model PRM's pool (a rule PRM reads no sequence)
+        column = self.table.seq_ids[:, self.pools[-1].index]  # a model PRM's pool (a rule PRM reads no sequence)
         to_score = [StepToScore(problems[b], slot, int(column[problems[b].rows[slot]]), text) for b, slot, text in flat]
         out = torch.zeros(len(problems) * n, *(() if self.prm.reward_kind == "reward" else (2,)))
         if flat:
@@ -183,21 +183,24 @@ class Core:
         batch.prm_output, batch.live, batch.reward_kind = out, live, self.prm.reward_kind
 
     @_timed("resample")
-    def weigh(self, batch: Round, params: ResampleParams, uniforms: torch.Tensor) -> ResampleOutput:
-        """Rewards, weights, ESS and ancestors for every problem of a scored batch in one fused call."""
+    def weigh(self, batch: Round, params: ResampleParams, uniforms: torch.Tensor,
+              temperatures: torch.Tensor | None = None) -> ResampleOutput:
+        """Rewards, weights, ESS and ancestors for every problem of a scored batch in one fused call
+        (each problem at its own weight temperature too, where ``temperatures`` is given)."""
         n = batch.problems[0].num_particles
         seg = np.arange(len(batch.problems) + 1) * n
         aggregates = torch.cat([p.aggregates for p in batch.problems])
         num_steps = torch.cat([p.num_steps for p in batch.problems])
         device = self.policy.device
         return resample(seg, batch.prm_output.to(device), batch.live.to(device), aggregates.to(device),
-                        num_steps.to(device), params, uniforms=uniforms.to(device))
+                        num_steps.to(device), params, uniforms=uniforms.to(device),
+                        temperatures=None if temperatures is None else temperatures.to(device))
 
     @_timed("resample")
     def follow(self, problem: Problem, ancestors: np.ndarray) -> None:
         """Slot ``j`` becomes a copy of slot ``ancestors[j]``: one resample per pool; the particles'
         durable state and hidden rows are gathered the same way."""
-        r, rows = self.rows, problem.rows
+        r, rows = self.table, problem.rows
         for pool in self.pools:
             pool.follow(r, problem, ancestors)
         r.hidden[torch.from_numpy(rows)] = r.hidden[torch.from_numpy(rows[ancestors])]
@@ -206,14 +209,14 @@ class Core:
     def restart(self, problem: Problem) -> None:
         """Every particle back at the prompt on every pool, for a new sweep."""
         for pool in self.pools:
-            pool.restart(self.rows, problem)
-        self.rows.hidden[torch.from_numpy(problem.rows)] = problem.root_hidden
+            pool.restart(self.table, problem)
+        self.table.hidden[torch.from_numpy(problem.rows)] = problem.root_hidden
         problem.sweep += 1
         problem.new_sweep()
 
     def note_blocks(self) -> None:
         for pool in self.pools:
-            pool.note_blocks(self.stats, self.rows)
+            pool.note_blocks(self.stats, self.table)
 
 
 def _as_list(x) -> list:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pf_engine.runner import ModelRunner
-from pf_engine.state import Problem, Rows
+from pf_engine.state import Problem, RowTable
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -130,31 +130,31 @@ class Pool:
             created.remove((bm, seq_of[node]))
         return out_seqs, out_hidden
 
-    def follow(self, rows: Rows, problem: Problem, ancestors: np.ndarray) -> None:
+    def follow(self, table: RowTable, problem: Problem, ancestors: np.ndarray) -> None:
         """Slot j's sequence becomes a fork of slot ``ancestors[j]``'s."""
-        column = rows.seq_ids[:, self.index]
+        column = table.seq_ids[:, self.index]
         column[problem.rows] = self.manager.resample(column[problem.rows], ancestors)
 
-    def restart(self, rows: Rows, problem: Problem) -> None:
+    def restart(self, table: RowTable, problem: Problem) -> None:
         """Every particle a fresh fork of the prompt."""
-        bm, column = self.manager, rows.seq_ids[:, self.index]
+        bm, column = self.manager, table.seq_ids[:, self.index]
         for row in problem.rows.tolist():
             bm.free(int(column[row]))
             column[row] = bm.fork(problem.roots[self.index])
 
-    def evict(self, rows: Rows, problem: Problem) -> None:
-        for seq in rows.seq_ids[problem.rows, self.index].tolist():
+    def evict(self, table: RowTable, problem: Problem) -> None:
+        for seq in table.seq_ids[problem.rows, self.index].tolist():
             self.manager.free(seq)
         self.manager.free(problem.roots[self.index])
         problem.roots[self.index] = None
 
-    def note_blocks(self, stats: dict, rows: Rows) -> None:
+    def note_blocks(self, stats: dict, table: RowTable) -> None:
         """The peaks of blocks in use, and of the blocks the particles' sequences would hold if each
         had its own copy of every token (no sharing, no forks)."""
         key = "blocks" if self.index == 0 else f"{self.name}_blocks"
         used = self.manager.num_blocks - self.manager.num_free_blocks
         stats["peak_" + key] = max(stats["peak_" + key], used)
-        unshared = self.manager.num_unshared_blocks(rows.seq_ids[rows.placed, self.index])
+        unshared = self.manager.num_unshared_blocks(table.seq_ids[table.placed, self.index])
         stats["peak_unshared_" + key] = max(stats["peak_unshared_" + key], unshared)
 
 

@@ -15,8 +15,9 @@ The math, per problem of ``n`` particles (``r`` the newest step's reward):
 - aggregate over the particle's steps, kept as O(1) running state:
   ``last`` r; ``min`` min(a, r); ``product`` a * r; ``mean`` a + (r - a) / (k + 1)
   after k steps. Particles that are not live (finished) keep their aggregate.
-- log-weight ``logit(clip(a, clip, 1 - clip)) / temperature``, softmax within the
-  problem (the paper's form: weights depend on the aggregate alone, so a problem
+- log-weight ``logit(clip(a, clip, 1 - clip)) / (temperature * t_b)``, softmax within the
+  problem, ``t_b`` the problem's own temperature where ``temperatures`` is given, else 1
+  (the paper's form: weights depend on the aggregate alone, so a problem
   that does not resample carries its weights over through its aggregates). A
   problem whose particles all have zero weight (only possible with ``clip=0``)
   gets uniform weights; if some have infinite log-weight, those share the mass.
@@ -130,6 +131,7 @@ class ResampleInputs(NamedTuple):
     uniforms: torch.Tensor | None  # float32 [num_particles], or None: Philox draws
     seed: int
     counter: int
+    temperatures: torch.Tensor | None = None  # float32 [num_problems], each problem's own, or None: all 1
 
 
 class Layout:
@@ -196,8 +198,10 @@ def layout_of(seg_offsets, device: torch.device) -> Layout:
     return _cached_layout(seg.astype(np.int64, copy=False).tobytes(), device)
 
 
-def check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter) -> Layout:
-    """Validates shapes, dtypes and devices (not the values); returns the layout of seg_offsets."""
+def check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter,
+                 temperatures=None) -> Layout:
+    """Validates shapes, dtypes and devices (of ``temperatures`` the values too); returns the layout
+    of seg_offsets."""
     if not 0 <= seed < 2**63 or not 0 <= counter < 2**31:
         raise ValueError(f"seed must be in [0, 2**63) and counter in [0, 2**31), got {seed} and {counter}")
     device = aggregates.device
@@ -210,6 +214,7 @@ def check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, u
         ("aggregates", aggregates, (num_particles,), torch.float32),
         ("num_steps", num_steps, (num_particles,), torch.int32),
         ("uniforms", uniforms, (num_particles,), torch.float32),
+        ("temperatures", temperatures, (layout.num_problems,), torch.float32),
     ):
         if t is None:
             continue
@@ -217,6 +222,9 @@ def check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, u
             raise ValueError(f"{name} must be {dtype} of shape {list(shape)}, got {t.dtype} {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but aggregates is on {device}")
+    if temperatures is not None and temperatures.numel() and not bool(
+            ((temperatures > 0) & (temperatures < float("inf"))).all()):
+        raise ValueError(f"temperatures must be positive and finite, got {temperatures.tolist()[:10]}")
     return layout
 
 
@@ -257,6 +265,7 @@ def resample(
     counter: int = 0,
     uniforms: torch.Tensor | None = None,
     impl: str = "auto",
+    temperatures: torch.Tensor | None = None,
 ) -> ResampleOutput:
     """One particle-filter step for all problems in one call.
 
@@ -278,6 +287,9 @@ def resample(
     uniforms : float32 [num_particles], optional
         Draws in [0, 1) to use instead of Philox (systematic reads each
         problem's first).
+    temperatures : float32 [num_problems], optional
+        Each problem's own weight temperature, on top of ``params.temperature`` (entropic
+        particle filtering's annealing); positive and finite.
     impl : "auto", "triton" or "native"
         auto: the Triton kernel for CUDA tensors, the native pass for CPU ones.
         triton runs the kernel on any device (on the CPU only under
@@ -290,14 +302,16 @@ def resample(
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
-    layout = check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
+    layout = check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter,
+                          temperatures)
     device = aggregates.device
     if impl == "auto":
         impl = _native.resample_impl(device)
     if impl == "native" and device.type != "cpu":
         raise ValueError(f"the native resampling pass takes CPU tensors, got {device}")
     inputs = ResampleInputs(layout, prm_output.contiguous(), live.contiguous(), aggregates.contiguous(),
-                            num_steps.contiguous(), None if uniforms is None else uniforms.contiguous(), seed, counter)
+                            num_steps.contiguous(), None if uniforms is None else uniforms.contiguous(), seed, counter,
+                            None if temperatures is None else temperatures.contiguous())
     if impl == "native":
         return _native_step(inputs, params)
     from pf_engine.kernels.resample import fused_resample
@@ -319,7 +333,8 @@ def _native_step(inputs: ResampleInputs, params: ResampleParams) -> ResampleOutp
     num_invalid = _C.fused_resample(
         seg=layout.seg_address, num_problems=layout.num_problems, prm=inputs.prm_output.data_ptr(),
         live=inputs.live.data_ptr(), aggregates=inputs.aggregates.data_ptr(), num_steps=inputs.num_steps.data_ptr(),
-        uniforms=0 if inputs.uniforms is None else inputs.uniforms.data_ptr(), seed=inputs.seed,
+        uniforms=0 if inputs.uniforms is None else inputs.uniforms.data_ptr(),
+        temperatures=0 if inputs.temperatures is None else inputs.temperatures.data_ptr(), seed=inputs.seed,
         counter=inputs.counter, reward=getattr(_C.RewardKind, params.reward),
         aggregation=getattr(_C.Aggregation, params.aggregation), scheme=getattr(_C.Scheme, params.scheme),
         inv_temperature=1.0 / params.temperature, clip=params.clip, ess_threshold=params.threshold,

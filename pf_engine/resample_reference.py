@@ -68,24 +68,11 @@ def reference_ancestors(seg_offsets, weights: torch.Tensor, resampled: torch.Ten
     return _draw(rows, w, resampled, params, uniforms, seed, counter).int()
 
 
-def fused_resample_reference(
-    seg_offsets,
-    prm_output: torch.Tensor,
-    live: torch.Tensor,
-    aggregates: torch.Tensor,
-    num_steps: torch.Tensor,
-    params: ResampleParams,
-    seed: int = 0,
-    counter: int = 0,
-    uniforms: torch.Tensor | None = None,
-) -> ResampleOutput:
-    """Plain-torch :func:`pf_engine.resample.resample`: same arguments, same math, same draws."""
-    rows = check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter)
-    check_uniform_range(uniforms)
-    device = aggregates.device
+def _step_rewards(rows: Layout, prm_output: torch.Tensor, live: torch.Tensor, params: ResampleParams) -> torch.Tensor:
+    """The step reward of every particle, flat; ValueError naming a live particle whose reward is unusable.
 
-    # Step reward and running aggregate, flat. One sum tells whether every value is usable;
-    # only if not is it worth finding out which (finished particles may hold anything).
+    One sum tells whether every value is usable; only if not is it worth finding out which
+    (finished particles may hold anything)."""
     if params.reward == "reward":
         r = prm_output
         lowest, highest = (v.item() for v in torch.aminmax(r)) if r.numel() else (0.0, 0.0)
@@ -104,33 +91,64 @@ def fused_resample_reference(
 
     if not usable:
         raise_on_invalid(rows.per_problem_sum((bad() & live).int()), prm_output, live, params)
-    prev = aggregates
-    new = {
+    return r
+
+
+def _aggregate(r: torch.Tensor, prev: torch.Tensor, num_steps: torch.Tensor, params: ResampleParams) -> torch.Tensor:
+    """The running aggregate with step reward ``r`` folded in (the caller keeps ``prev`` where not live)."""
+    return {
         "last": lambda: r,
         "min": lambda: torch.where(num_steps == 0, r, torch.minimum(prev, r)),
         "product": lambda: torch.where(num_steps == 0, r, prev * r),
         "mean": lambda: prev + (r - prev) / (num_steps + 1),
     }[params.aggregation]()
-    agg = torch.where(live, new, prev)
-    steps = num_steps + live
 
-    # Weights, per problem row.
-    logw = torch.logit(agg, eps=params.clip if params.clip > 0 else None)
-    if params.temperature != 1.0:
+
+def _weights(rows: Layout, agg: torch.Tensor, params: ResampleParams,
+             temperatures: torch.Tensor | None) -> torch.Tensor:
+    """Normalized weights per problem row, [num_problems, width] (padding lanes 0)."""
+    logw = rows.rows(torch.logit(agg, eps=params.clip if params.clip > 0 else None), float("-inf"))
+    if temperatures is not None:  # each problem's 1 / (temperature * t_b), in float32 as the implementations
+        inv = torch.tensor(1.0 / params.temperature, dtype=torch.float32, device=agg.device) / temperatures
+        logw = logw * inv[:, None]
+    elif params.temperature != 1.0:
         logw = logw * (1.0 / params.temperature)
-    logw = rows.rows(logw, float("-inf"))
     if params.clip > 0:  # every log-weight is finite
         w = torch.softmax(logw, dim=1)
     else:
         top = logw.amax(dim=1, keepdim=True)
-        neg_inf = torch.tensor(float("-inf"), device=device)
+        neg_inf = torch.tensor(float("-inf"), device=agg.device)
         shifted = torch.where(
             top == float("inf"),
             torch.where(logw == top, 0.0, neg_inf),
             torch.where(top == float("-inf"), 0.0, logw - top),
         )
         w = torch.softmax(rows.pad(shifted, float("-inf")), dim=1)
-    w = rows.pad(w, 0.0)  # rows of empty problems are NaN
+    return rows.pad(w, 0.0)  # rows of empty problems are NaN
+
+
+def fused_resample_reference(
+    seg_offsets,
+    prm_output: torch.Tensor,
+    live: torch.Tensor,
+    aggregates: torch.Tensor,
+    num_steps: torch.Tensor,
+    params: ResampleParams,
+    seed: int = 0,
+    counter: int = 0,
+    uniforms: torch.Tensor | None = None,
+    temperatures: torch.Tensor | None = None,
+) -> ResampleOutput:
+    """Plain-torch :func:`pf_engine.resample.resample`: same arguments, same math, same draws."""
+    rows = check_inputs(seg_offsets, prm_output, live, aggregates, num_steps, params, uniforms, seed, counter,
+                        temperatures)
+    check_uniform_range(uniforms)
+    device = aggregates.device
+
+    r = _step_rewards(rows, prm_output, live, params)
+    agg = torch.where(live, _aggregate(r, aggregates, num_steps, params), aggregates)
+    steps = num_steps + live
+    w = _weights(rows, agg, params, temperatures)
     ess = torch.linalg.vecdot(w, w).reciprocal_()
     counts = rows.counts if rows.equal else rows.counts.flatten()
     if not rows.equal:

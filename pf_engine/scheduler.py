@@ -178,7 +178,7 @@ class Scheduler:
     def _preempt(self, victim: Problem) -> None:
         """Free all of ``victim``'s blocks and put it back at the front of the queue, as it was
         at the start of its round (a round it had begun to end is taken back)."""
-        victim.discarded_tokens += int(self.core.rows.step_len[victim.rows].sum())  # the round it redoes
+        victim.discarded_tokens += int(self.core.table.step_len[victim.rows].sum())  # the round it redoes
         book.rollback(victim)
         self._leave(victim)
         victim.forced = {}
@@ -201,7 +201,7 @@ class Scheduler:
     # -- one iteration -------------------------------------------------------------
     def write(self) -> None:
         """One token for every writing particle: drawn, then fed to the policy."""
-        core, table = self.core, self.core.rows
+        core, table = self.core, self.core.table
         rows = np.flatnonzero(table.writing)
         if not len(rows):
             return
@@ -245,7 +245,7 @@ class Scheduler:
                 raise ValueError(f"{cfg.algorithm} needs a PRM")
             # the PRM's pool: make room, never by preempting the oldest ready problem
             self.with_room(lambda: core.score(batch), keep=batch.problems[0], on_preempt=batch.drop)
-        batch.nodes = [book.commit(p, core.rows, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
+        batch.nodes = [book.commit(p, core.table, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
         batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in batch.problems]
         if batch.prm_output is not None:
             self._select(batch)
@@ -258,16 +258,19 @@ class Scheduler:
         params = cfg.resample_params(batch.reward_kind)
 
         def weigh_and_select():
-            out = core.weigh(batch, params, self._resample_uniforms(cfg, batch.problems))
-            return out, algorithm.select(core, batch, out)
+            out, temperatures = algorithm.weigh(core, batch, params, self._resample_uniforms(cfg, batch.problems))
+            return out, temperatures, algorithm.select(core, batch, out)
 
         # ancestor sampling's spliced futures may need room: a preempted problem redoes this round later
-        out, ancestors = self.with_room(weigh_and_select, keep=batch.problems[0], on_preempt=batch.drop)
+        out, temperatures, ancestors = self.with_room(weigh_and_select, keep=batch.problems[0],
+                                                      on_preempt=batch.drop)
         rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
         weight_list = weights.tolist()
+        temperature_list = [None] * len(batch.problems) if temperatures is None else temperatures.tolist()
         for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
             for (slot, _, _), node in zip(stepped, new, strict=True):
                 p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
+                p.tree[node].temperature = temperature_list[b]
         aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
         for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
             part = slice(b * n, (b + 1) * n)

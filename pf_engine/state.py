@@ -5,8 +5,8 @@ Glossary (one word per thing, everywhere in pf_engine)::
     problem    one question and its search (Problem)
     particle   one partial answer of a problem; it has a slot, and while placed a row
     slot       a particle's index within its problem, 0 .. num_particles - 1
-    row        a placed particle's line in the Rows table (``problem.rows[slot]``)
-    lane       a placed problem's small id in the Rows table (``Rows.problem``)
+    row        a placed particle's line in the row table (``problem.rows[slot]``)
+    lane       a placed problem's small id in the row table (``RowTable.problem``)
     sequence   a token sequence in one model's KV pool (``seq`` ids, on a block manager)
     pool       one model's KV cache with its sequences (pf_engine.pool)
     step       one delimited piece of a particle's text, a node of the tree
@@ -17,11 +17,13 @@ Glossary (one word per thing, everywhere in pf_engine)::
     policy     the language model that writes the steps
     algorithm  the search (pf_engine.search): what happens to a problem after each round
 
+    In code, ``rows`` is always an index array of rows and ``table`` (or ``r``) the RowTable.
+
     Problem   durable, at the start of its current round: the tree, each
               particle's newest node, finished flag, token count, running
               aggregate, budget-forcing state; enough to rebuild its particles
               from scratch
-    Rows      scratch of the round in flight, one row per placed particle, in
+    RowTable  scratch of the round in flight, one row per placed particle, in
               arrays: sequence ids, the step's tokens, step-end automata,
               hidden state of the newest token (its logits come from it)
 
@@ -54,6 +56,7 @@ class TreeNode:
     reference: bool = False  # particle Gibbs: replayed from the reference path, not sampled
     forced: str | None = None  # budget forcing: the phrase the step starts with, forced ("wait" or "end")
     trim: int = 0  # a stop string ending in this step began this many characters before it: cut from the text
+    temperature: float | None = None  # entropic particle filtering: the annealing temperature its round weighed at
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +136,7 @@ class Problem:
     the current round; a preempted problem is rebuilt from them and its tree.
 
     NOTE: ``rows`` is None while the problem waits (never placed, or preempted);
-    once placed, row ``rows[slot]`` of the engine's Rows holds the slot's
+    once placed, row ``rows[slot]`` of the engine's RowTable holds the slot's
     sequences and the round in flight, and the problem owns those sequences
     (and ``roots``, its prompt on each pool) until it is evicted or finishes.
     """
@@ -146,7 +149,7 @@ class Problem:
     prm_prompt_ids: list[int] | None
     rules: StepRules
     algorithm: object = None  # the search's Algorithm (pf_engine.search): what the scheduler does after a round
-    lane: int = -1  # while placed: its small id in the engine's rows (``Rows.problem``), given by the scheduler
+    lane: int = -1  # while placed: its small id in the row table (``RowTable.problem``), given by the scheduler
     sweep: int = 0
     step: int = 0  # round within the sweep
     tree: list[TreeNode] = field(default_factory=list)
@@ -228,7 +231,7 @@ class Round:
             self.prm_output, self.live = self.prm_output[keep], self.live[keep]
 
 
-class Rows:
+class RowTable:
     """Generation state of every placed particle, one row each (grown on demand).
 
     Per-token work reads and writes these arrays for all writing rows at once.

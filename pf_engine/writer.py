@@ -13,7 +13,7 @@ iteration draws one token per writing row (:meth:`StepWriter.write`)::
 and when every live particle of a problem has ended its step, :meth:`StepWriter.end_round`
 gives the steps' texts (cut at a stop string).
 
-Rows of problems of differing step rules draw and stop by their own rules, from one LM-head call.
+RowTable of problems of differing step rules draw and stop by their own rules, from one LM-head call.
 """
 
 import numpy as np
@@ -29,7 +29,7 @@ from pf_engine.state import (
     Ends,
     Problem,
     Round,
-    Rows,
+    RowTable,
     StepRules,
 )
 from pf_engine.step_end import StepEndTables, advance_boxed, token_texts
@@ -38,20 +38,20 @@ MAX_RULES = 256  # distinct step rules kept before those of no placed row are dr
 
 
 class StepWriter:
-    """The Rows table and what particles write by: their step rules, step-end tables and phrases."""
+    """The row table and what particles write by: their step rules, step-end tables and phrases."""
 
     def __init__(self, tokenizer, eos_ids: set[int], vocab_size: int):
         self.tokenizer, self.eos_ids, self.vocab_size = tokenizer, eos_ids, vocab_size
-        self.rows: Rows | None = None
-        self.rules: list[StepRules] = []  # Rows.rule indexes it: the step rules of every problem placed so far
+        self.table: RowTable | None = None
+        self.rules: list[StepRules] = []  # RowTable.rule indexes it: the step rules of every problem placed so far
         self._rule_ids: dict[StepRules, int] = {}
         self._texts: list[str] | None = None
         self._tables: dict[str, StepEndTables] = {}
         self._phrases: dict[str, list[int]] = {}
 
     def begin(self, hidden_size: int, dtype, device, num_pools: int) -> None:
-        """Fresh rows, for a scheduler that starts with nothing placed."""
-        self.rows = Rows(hidden_size, dtype, device, num_pools)
+        """A fresh row table, for a scheduler that starts with nothing placed."""
+        self.table = RowTable(hidden_size, dtype, device, num_pools)
 
     def step_end_tables(self, delimiter: str) -> StepEndTables:
         """The per-token tables for ``delimiter``, built once per writer and delimiter."""
@@ -70,7 +70,7 @@ class StepWriter:
     # -- rows of a problem ---------------------------------------------------------
     def take(self, problem: Problem, seq_ids: list[list[int]], hiddens: list[torch.Tensor]) -> None:
         """Give ``problem`` its rows: ``seq_ids[pool][slot]``, ``hiddens[slot]`` (the state its next draw reads)."""
-        r = self.rows
+        r = self.table
         rows = r.take(problem.num_particles)
         problem.rows = rows
         r.widen(problem.rules.max_step_tokens)
@@ -83,7 +83,7 @@ class StepWriter:
         r.hidden[torch.from_numpy(rows)] = torch.stack(hiddens)
 
     def give_back(self, problem: Problem) -> None:
-        self.rows.give_back(problem.rows)
+        self.table.give_back(problem.rows)
         problem.rows = None
 
     def _rule_id(self, rules: StepRules) -> int:
@@ -99,7 +99,7 @@ class StepWriter:
     def _compact_rules(self) -> None:
         """Keep only the rules (and step-end tables) of placed rows: a long-lived server sees a new
         seed, so new rules, with nearly every request."""
-        r = self.rows
+        r = self.table
         placed = np.flatnonzero(r.placed)
         used, r.rule[placed] = np.unique(r.rule[placed], return_inverse=True)
         self.rules = [self.rules[i] for i in used.tolist()]
@@ -109,7 +109,7 @@ class StepWriter:
 
     def steps_in_flight(self) -> tuple[np.ndarray, np.ndarray]:
         """The steps the writing rows are writing: each one's max_step_tokens and its tokens so far."""
-        r = self.rows
+        r = self.table
         writing = np.flatnonzero(r.writing)
         max_step_tokens = np.array([rule.max_step_tokens for rule in self.rules])[r.rule[writing]]
         return max_step_tokens, r.step_len[writing]
@@ -118,7 +118,7 @@ class StepWriter:
     def begin_round(self, problem: Problem) -> None:
         """Every live particle of ``problem`` starts writing its next step."""
         problem.committed = None
-        r, rows, rules = self.rows, problem.rows, problem.rules
+        r, rows, rules = self.table, problem.rows, problem.rules
         for name in PARTICLE_STATE:
             getattr(r, name)[rows] = getattr(problem, name)
         r.writing[rows] = ~problem.finished
@@ -136,7 +136,7 @@ class StepWriter:
 
     def _force_phrases(self, problem: Problem, budget: BudgetForcing) -> None:
         """Start the steps of particles with a pending phrase with it (a forced prefix; then they draw)."""
-        r, rows = self.rows, problem.rows
+        r, rows = self.table, problem.rows
         for slot in np.flatnonzero((problem.pending != 0) & ~problem.finished).tolist():
             if slot in problem.forced:  # particle Gibbs' reference replays its own phrases
                 continue
@@ -160,7 +160,7 @@ class StepWriter:
         model (all but those whose particle finished), and which stopped writing
         (step ended or particle finished).
         """
-        rule_of = self.rows.rule[rows]
+        rule_of = self.table.rule[rows]
         if (rule_of == rule_of[0]).all():
             return self._write(rows, logits, self.rules[rule_of[0]])
         tokens, feed, stopped = (np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=bool),
@@ -172,7 +172,7 @@ class StepWriter:
         return tokens, feed, stopped
 
     def _write(self, rows: np.ndarray, logits: torch.Tensor, rules: StepRules):
-        r, tables = self.rows, self.step_end_tables(rules.delimiter)
+        r, tables = self.table, self.step_end_tables(rules.delimiter)
         step_len = r.step_len[rows]
         keys = philox_key(r.key[rows], r.round[rows], r.slot[rows], step_len)
         uniforms = philox_uniform(rules.seed, keys)
@@ -217,7 +217,7 @@ class StepWriter:
 
     def _budget(self, rows: np.ndarray, tokens: np.ndarray, rules: StepRules, ends: Ends) -> None:
         """Budget forcing on the newest token of each row: ``ends`` is changed in place."""
-        r, budget = self.rows, rules.budget
+        r, budget = self.table, rules.budget
         num_tokens = r.num_tokens[rows]
         thinking = ~ends.forcing & ~r.answering[rows]
         short = thinking & ends.finished & ~ends.capped & ((num_tokens < budget.min_tokens)
@@ -242,7 +242,7 @@ class StepWriter:
     # -- the end of a round ------------------------------------------------------------
     def end_round(self, problems: list[Problem]) -> Round:
         """The batch of ``problems`` ending a round, with the step each live particle wrote."""
-        r = self.rows
+        r = self.table
         stepped = [[s for s in range(p.num_particles) if not p.finished[s]] for p in problems]
         ids = [r.tokens[p.rows[s], :r.step_len[p.rows[s]]].tolist() for p, slots in zip(problems, stepped,
                                                                                            strict=True)
@@ -271,8 +271,8 @@ class StepWriter:
         if at < 0:
             return text
         row = problem.rows[slot]
-        self.rows.finished[row], self.rows.capped[row] = True, False
-        self.rows.stop_trim[row] = max(len(tail) - at, 0)
+        self.table.finished[row], self.table.capped[row] = True, False
+        self.table.stop_trim[row] = max(len(tail) - at, 0)
         return text[:max(at - len(tail), 0)]
 
     def decode(self, ids: list[list[int]]) -> list[str]:

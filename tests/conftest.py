@@ -1,8 +1,14 @@
 import os
+import sys
 import zlib
 
-import pytest
-import torch
+# `python -m pytest` from the repository puts it on sys.path, where kernels/ (the Triton kernels,
+# installed as pf_engine.kernels) hides Hugging Face's kernels package that transformers imports.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run under the CPU interpreter where there is no GPU; the
 # variable must be set before any kernel module is imported.

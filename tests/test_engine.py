@@ -114,7 +114,7 @@ def test_every_algorithm_completes_with_a_consistent_tree(engine, algorithm):
         check_answer(r, vote=algorithm == "self_consistency")
         assert r.text in r.particles and r.text == "".join(r.steps)
         assert r.stats["tokens_generated"] > 0
-    if algorithm in ("particle_filter", "particle_gibbs", "beam_search", "dvts"):
+    if algorithm in ("particle_filter", "entropic_particle_filter", "particle_gibbs", "beam_search", "dvts"):
         check_generations(results, algorithm, 4, SMALL["beam_width"])
         assert all(n.reward is not None for r in results for n in r.tree)
     else:
@@ -405,13 +405,13 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
                       rules=replace(config.step_rules(), max_step_tokens=4, delimiter="e"))
     core.place(problem)
     core.begin_round(problem)
-    while core.rows.writing.any():
-        rows = np.flatnonzero(core.rows.writing)
+    while core.table.writing.any():
+        rows = np.flatnonzero(core.table.writing)
         tokens, feed, _ = core.sample(rows)
         core.feed(rows[feed], tokens[feed])
     batch = core.end_round([problem])
     core.score(batch)  # the PRM's sequences hold the first steps
-    book.commit(problem, core.rows, batch.steps[0])
+    book.commit(problem, core.table, batch.steps[0])
     assert not problem.finished.any()
     tok = core.tokenizer
     future_texts = ["ab e", "c1"]

@@ -56,6 +56,11 @@ CASES = {
     "top_k": (replace(CONFIG, top_k=4), "policy", "rule", ("cut",)),
     "stop_at_boxed": (replace(CONFIG, stop_at_boxed=True), "boxed_policy", "rule", ("boxed",)),
     "model_prm": (CONFIG, "policy", "model", ()),
+    # weight_temperature 0.3 collapses the ESS early, so that rounds anneal
+    **{f"entropic_{schedule}": (replace(CONFIG, algorithm="entropic_particle_filter", annealing=schedule,
+                                        weight_temperature=0.3, max_steps=6, annealing_phase=0.7),
+                                "policy", "rule", ("annealed",))
+       for schedule in ("ess", "entropy", "base")},
 }
 
 
@@ -137,6 +142,24 @@ def normalized(logw):
     return w / w.sum()
 
 
+def annealed(logw, weights, progress, cfg):
+    """Entropic particle filtering's weights: the temperature by cfg.annealing while the ESS is below
+    cfg.annealing_threshold * N early in the search (progress < cfg.annealing_phase), and the weights
+    at it."""
+    n, ess = len(weights), 1 / np.sum(weights ** 2)
+    if not (ess < cfg.annealing_threshold * n and progress < cfg.annealing_phase):
+        return 1.0, weights
+    if cfg.annealing == "ess":
+        value = n / ess * (1 - progress)
+    elif cfg.annealing == "entropy":
+        h = -sum(w * math.log(w) for w in weights if w > 0) / (math.log(n) if n > 2 else 1)
+        value = 1 / (h + (1 - h) * progress)
+    else:
+        value = cfg.annealing_max_temperature - progress
+    temperature = max(1.0, value)
+    return temperature, normalized(logw / temperature)
+
+
 def inverse_cdf(weights, u):
     cdf = np.cumsum(weights)
     return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)
@@ -169,7 +192,7 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
     prompt = tokenizer.encode(question + "\n", add_special_tokens=True)
     gibbs = cfg.algorithm == "particle_gibbs"
     mix = cfg.seed ^ 0x5DEECE66D
-    ref, seen = None, Counter()
+    ref, seen, temperatures = None, Counter(), []
     for sweep in range(cfg.iterations if gibbs else 1):
         particles = [{"tokens": [], "steps": [], "ids": [], "rewards": [], "finished": False, "generated": 0,
                       "waits": 0, "answering": False, "pending": None} for _ in range(cfg.num_particles)]
@@ -230,7 +253,12 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
                 p["rewards"].append(score(question, p["steps"]))
                 seen["aggregated"] += aggregate(p["rewards"], cfg.aggregation) != p["rewards"][-1]
             aggs = np.array([aggregate(p["rewards"], cfg.aggregation) for p in particles])
-            weights = normalized(log_weights(aggs, cfg))
+            logw = log_weights(aggs, cfg)
+            weights = normalized(logw)
+            if cfg.algorithm == "entropic_particle_filter":
+                temperature, weights = annealed(logw, weights, (step_no + 1) / cfg.max_steps, cfg)
+                seen["annealed"] += temperature > 1
+                temperatures.append(temperature)
             if step_no == cfg.max_steps - 1 or all(p["finished"] for p in particles):
                 break
             n = len(particles)
@@ -250,6 +278,7 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
         if gibbs:
             chosen = particles[inverse_cdf(weights, draw(mix, problem, (sweep + 1) * cfg.max_steps - 1, 0, 4093))]
             ref = {"ids": chosen["ids"], "steps": chosen["steps"], "finished": chosen["finished"]}
+    seen["temperatures"] = temperatures
     return ["".join(p["steps"]) for p in particles], weights, [p["generated"] for p in particles], seen
 
 
@@ -329,6 +358,11 @@ def test_engine_equals_reference(request, case):
         assert result.particles == texts and result.num_tokens == num_tokens
         np.testing.assert_allclose(result.weights, weights, rtol=1e-5, atol=1e-7)
         assert math.isclose(sum(result.weights), 1.0, rel_tol=1e-6)
+        # the temperature of every round, on each of its nodes (None outside entropic particle filtering)
+        temperatures = happened.pop("temperatures")
+        for node in result.tree:
+            expected = temperatures[node.depth] if temperatures else None
+            assert node.temperature == (expected if expected is None else pytest.approx(expected, rel=1e-5))
         seen += happened
     assert_resampled(results)
     for what in must_see:

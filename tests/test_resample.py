@@ -105,6 +105,44 @@ def test_native_equals_reference_every_setting(temperature, clip, ess_threshold,
         assert_same(native(*inputs, params, **draws), expected, inputs, params, **draws)
 
 
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("counts", [[1, 7, 64, 300], [16] * 4, [0, 3, 0, 5]])
+def test_per_problem_temperatures_equal_the_reference(impl, counts):
+    """Entropic particle filtering's annealing: each problem's weights at its own temperature,
+    on top of params.temperature."""
+    inputs = make_inputs(counts, seed=7)
+    temperatures = torch.tensor([1.0, 3.5, 1.25, 8.0][:len(counts)], device=DEVICE)
+    for scheme in SCHEMES:
+        params = ResampleParams(scheme=scheme, temperature=0.7, ess_threshold=0.9)
+        draws = dict(seed=2, counter=1)
+        expected = fused_resample_reference(*inputs, params, **draws, temperatures=temperatures)
+        assert_same(impl(*inputs, params, **draws, temperatures=temperatures), expected, inputs, params, **draws)
+    # against the same problems weighed one by one at the product temperature
+    for b in range(len(counts)):
+        if counts[b] == 0:
+            continue
+        part = slice(int(inputs[0][b]), int(inputs[0][b + 1]))
+        alone = impl([0, counts[b]], *(x[part] for x in inputs[1:]),
+                     ResampleParams(temperature=0.7 * float(temperatures[b])))
+        torch.testing.assert_close(expected.weights[part], alone.weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unit_temperatures_change_nothing_and_bad_ones_are_refused(impl):
+    inputs = make_inputs([4, 6], seed=5)
+    params = ResampleParams(temperature=0.7)
+    plain = impl(*inputs, params, seed=3)
+    ones = impl(*inputs, params, seed=3, temperatures=torch.ones(2, device=DEVICE))
+    for a, b in zip(plain, ones, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for bad, message in ((torch.ones(3), r"temperatures must be torch.float32 of shape \[2\]"),
+                         (torch.tensor([1.0, 0.0]), "temperatures must be positive and finite"),
+                         (torch.tensor([float("inf"), 1.0]), "temperatures must be positive and finite"),
+                         (torch.tensor([1.0, float("nan")]), "temperatures must be positive and finite")):
+        with pytest.raises(ValueError, match=message):
+            impl(*inputs, params, temperatures=bad.to(DEVICE))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_given_uniforms_are_used_exactly(impl):
     seg, prm, live, agg, steps = make_inputs([5, 9])

@@ -39,7 +39,7 @@ def test_the_savings_equal_what_the_run_did(policy, kv_blocks):
     # re-reading the whole partial answer reads what the particle's PRM sequence holds once it is scored
     def reread(out, batch):
         pm = core.prm.runner.manager
-        seen["reread"] += sum(pm.num_tokens(int(core.rows.seq_ids[p.rows[slot], 1]))
+        seen["reread"] += sum(pm.num_tokens(int(core.table.seq_ids[p.rows[slot], 1]))
                               for p, stepped in zip(batch.problems, batch.steps, strict=True)
                               for slot, _, _ in stepped)
     watch(core, "score", reread)
@@ -47,7 +47,7 @@ def test_the_savings_equal_what_the_run_did(policy, kv_blocks):
     # each particle with its own copy: its sequences' own block counts, summed, at every point blocks are
     # noted; the peak of each pool (policy, PRM), as the peaks in use are taken
     def unshared(out):
-        r, bs = core.rows, engine.block_size
+        r, bs = core.table, engine.block_size
         placed = np.setdiff1d(np.arange(r.capacity), r.free)
         for pool, runner, column in (("policy", engine.policy, r.seq_ids[:, 0]), ("prm", core.prm.runner,
                                                                                  r.seq_ids[:, 1])):

@@ -21,7 +21,10 @@ QUESTIONS = ["What is 2+2?", "Add 3 and 4.", "Is 9 odd?", "Name a color, please.
 SMALL = dict(num_particles=4, beam_width=2, max_steps=4, max_step_tokens=6, max_new_tokens=20, stop_at_boxed=False)
 CONFIGS = {name: SearchConfig(algorithm=name, **SMALL) for name in ALGORITHMS} | {
     "particle_gibbs+ancestors": SearchConfig(algorithm="particle_gibbs", ancestor_sampling=True, iterations=3,
-                                             **SMALL)}
+                                             **SMALL),
+    # sharp weights and annealing in every round, so that the annealing temperatures differ by problem
+    "entropic_particle_filter": SearchConfig(algorithm="entropic_particle_filter", weight_temperature=0.2,
+                                             annealing_phase=1.0, **SMALL)}
 BLOCK_BYTES = 2 * 2 * 2 * 8 * 4 * 16  # tiny policy: layers * K/V * kv heads * head_dim * fp32 * block_size
 # Pools in blocks: roomy; tight, where admission lets in more than the pool holds later and preemption
 # follows; just enough for one problem at a time (ancestor sampling needs more room for its splices).
@@ -35,7 +38,8 @@ PRM_POOLS = {"particle_filter": 24, "particle_gibbs+ancestors": 40}
 
 
 # the searches that resample: their comparisons hold only if resampling changed some ancestors
-RESAMPLING = ("particle_filter", "particle_gibbs", "beam_search", "dvts", "particle_gibbs+ancestors")
+RESAMPLING = ("particle_filter", "entropic_particle_filter", "particle_gibbs", "beam_search", "dvts",
+              "particle_gibbs+ancestors")
 
 
 def engine_with(policy, blocks, prm=varying_reward):
@@ -45,7 +49,7 @@ def engine_with(policy, blocks, prm=varying_reward):
 def outcome(result):
     """What must not depend on batching: texts, weights and the tree (bar its problem index)."""
     tree = [(n.node, n.parent, n.depth, n.text, n.reward, n.weight, n.num_children, n.finished, n.iteration,
-             n.reference) for n in result.tree]
+             n.reference, n.temperature) for n in result.tree]
     return result.particles, result.weights, result.leaves, result.answer, tree
 
 
@@ -77,6 +81,8 @@ def test_same_answers_whatever_the_pool_and_the_preemptions(policy, alone, name,
     assert [outcome(r) for r in results] == alone[name]
     if name in RESAMPLING:
         assert_resampled(results)
+    if name == "entropic_particle_filter":
+        assert len({n.temperature for r in results for n in r.tree}) > 2, "too few rounds annealed"
     elif name == "best_of_n":  # the rewards rank the particles
         assert any(len(set(r.weights)) > 1 for r in results)
     preemptions = sum(r.stats["preemptions"] for r in results)

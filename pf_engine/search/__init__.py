@@ -2,6 +2,8 @@
 comparisons are fair:
 
 - particle_filter: score every step, resample every step (Puri et al. 2025)
+- entropic_particle_filter: particle filtering whose weights are annealed while the particles
+  collapse early (arXiv 2510.05825)
 - particle_gibbs: sweeps of particle filtering, each conditioned on a reference path
   drawn from the previous sweep (conditional SMC), optionally with ancestor sampling
 - best_of_n: N independent samples; the PRM's running score of each ranks them
@@ -18,12 +20,14 @@ from pf_engine.search.beam_search import BeamSearch, top_ancestors
 from pf_engine.search.best_of_n import BestOfN
 from pf_engine.search.config import SearchConfig
 from pf_engine.search.dvts import DVTS
+from pf_engine.search.entropic_particle_filter import EntropicParticleFilter
 from pf_engine.search.particle_filter import ParticleFilter
 from pf_engine.search.particle_gibbs import ParticleGibbs
 from pf_engine.search.registry import ALGORITHMS, register
 from pf_engine.search.self_consistency import SelfConsistency
 
 register("particle_filter", ParticleFilter)
+register("entropic_particle_filter", EntropicParticleFilter)
 register("particle_gibbs", ParticleGibbs)
 register("best_of_n", BestOfN)
 register("beam_search", BeamSearch)

@@ -3,9 +3,10 @@ object per algorithm and config, shared by every problem of a call (per-problem 
 lives on the Problem, in ``problem.extra``)."""
 
 import numpy as np
+import torch
 
 from pf_engine.core import Core
-from pf_engine.resample import ResampleOutput
+from pf_engine.resample import ResampleOutput, ResampleParams
 from pf_engine.search.config import SearchConfig
 from pf_engine.state import Problem, Round
 
@@ -35,6 +36,12 @@ class Algorithm:
 
     def prepare_round(self, problem: Problem) -> None:
         """Before a round: set ``problem.forced`` for slots that replay given tokens."""
+
+    def weigh(self, engine: Core, batch: Round, params: ResampleParams,
+              uniforms: torch.Tensor) -> tuple[ResampleOutput, torch.Tensor | None]:
+        """Weigh a scored round: the fused step's output, and each problem's weight temperature
+        where the algorithm sets one (None: the config's alone)."""
+        return engine.weigh(batch, params, uniforms), None
 
     def select(self, engine: Core, batch: Round, out: ResampleOutput) -> list[np.ndarray | None]:
         """After a scored round (its problems weighed together in ``out``): each problem's next

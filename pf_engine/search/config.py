@@ -63,7 +63,8 @@ class SearchConfig:
     """
 
     algorithm: str = "particle_filter"
-    """The search: particle_filter, particle_gibbs, best_of_n, beam_search, dvts or self_consistency."""
+    """The search: particle_filter, entropic_particle_filter, particle_gibbs, best_of_n, beam_search, dvts or
+    self_consistency."""
     num_particles: int = 8
     """Particles (partial answers) per problem."""
     max_steps: int = 32
@@ -100,6 +101,14 @@ class SearchConfig:
     """particle_gibbs: sweeps."""
     ancestor_sampling: bool = False
     """particle_gibbs: redraw the reference's ancestor after every step."""
+    annealing: str = "ess"
+    """entropic_particle_filter: the annealing temperature's schedule: ess, entropy or base."""
+    annealing_threshold: float = 0.5
+    """entropic_particle_filter: anneal a round whose effective sample size is below this fraction of the particles."""
+    annealing_phase: float = 0.5
+    """entropic_particle_filter: anneal only in this first fraction of max_steps."""
+    annealing_max_temperature: float = 2.0
+    """entropic_particle_filter: the base schedule's temperature at the start (it falls to 1 over the search)."""
     seed: int = 0
     """The random streams' seed: the same seed gives the same draws."""
     system_prompt: str | None = None

@@ -129,7 +129,7 @@ class ParticleGibbs(Algorithm):
             return loglik, self._future_rewards(engine, problem_of, slots, rows, future_texts)
 
     def _future_loglik(self, engine, problem_of, rows, futures) -> torch.Tensor:
-        r, policy, pool = engine.rows, engine.policy, engine.pools[0]
+        r, policy, pool = engine.table, engine.policy, engine.pools[0]
         loglik = torch.zeros(len(rows), dtype=torch.float64)
         tokens = [[t for step in future for t in step] for future in futures]
         forks = []
@@ -160,7 +160,7 @@ class ParticleGibbs(Algorithm):
         forks = {pool.index: [] for pool in scoring}
         try:
             for pool in scoring:
-                for seq in engine.rows.seq_ids[rows, pool.index].tolist():
+                for seq in engine.table.seq_ids[rows, pool.index].tolist():
                     forks[pool.index].append(pool.manager.fork(seq))
             seqs = forks[scoring[-1].index] if scoring else [-1] * len(rows)
             outputs = []
