@@ -73,6 +73,9 @@ def cases() -> list[tuple[str, str, dict]]:
         ("stop/rule", "rule", dict(stop=("e", "a "))),
         ("ess/rule", "rule", dict(ess_threshold=0.5, final_answer="sampled")),
         ("vote/class_head", "class_head", dict(final_answer="vote", num_particles=8)),
+        # sharp weights, so that rounds anneal (and the tree's temperatures are compared)
+        ("entropic_particle_filter/rule", "rule", dict(algorithm="entropic_particle_filter", weight_temperature=0.2,
+                                                       annealing_phase=1.0)),
     ]
     return out
 
