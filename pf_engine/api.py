@@ -221,7 +221,7 @@ class Engine:
     def algorithm(self, config: SearchConfig) -> Algorithm:
         """The search ``config`` asks for, checked against the models this engine has."""
         algorithm = algorithm_for(config)
-        if algorithm.scores and self.core.prm is None:
+        if algorithm.scores and config.weighting.prm and self.core.prm is None:
             if not algorithm.outcome_ranks or self.orm is None:
                 raise ValueError(f"{config.algorithm} needs a PRM: pass prm= to the Engine"
                                  + (f" ({config.algorithm} may rank by an outcome model instead: orm=)"
@@ -290,7 +290,7 @@ class Engine:
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:  # "best": the highest weight; "outcome", or best-of-N without a PRM: the best outcome score
-            by_outcome = config.final_answer == "outcome" or (algorithm.outcome_ranks and self.core.prm is None)
+            by_outcome = config.final_answer == "outcome" or (algorithm.outcome_ranks and not algorithm.scores)
             chosen = int(np.argmax(outcome if by_outcome else weights))
             answer = answers[chosen]
         stats = {"prompt_tokens": len(problem.prompt_ids),

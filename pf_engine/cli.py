@@ -234,11 +234,12 @@ def add_search_flags(parser, defaults: dict | None = None, skip: tuple[str, ...]
     import typing
     from dataclasses import fields
 
+    from pf_engine.confidence import WEIGHTS
     from pf_engine.resample import AGGREGATIONS, SCHEMES
     from pf_engine.search.config import ALGORITHMS, FINAL_ANSWERS, SearchConfig, field_docs
 
     choices = {"algorithm": ALGORITHMS, "final_answer": FINAL_ANSWERS, "aggregation": AGGREGATIONS,
-               "scheme": SCHEMES}
+               "scheme": SCHEMES, "weights": WEIGHTS}
     docs, defaults = field_docs(SearchConfig), defaults or {}
     group = parser.add_argument_group("search", "the fields of pf_engine.SearchConfig")
     for f in fields(SearchConfig):
@@ -362,7 +363,7 @@ def solve(args) -> int:
     config = search_config(args)
     algorithm = ALGORITHMS[config.algorithm]
     ranked_by_orm = algorithm.outcome_ranks and args.orm is not None
-    if algorithm.scores and args.prm is None and args.verifier is None and not ranked_by_orm:
+    if algorithm.scores and config.weighting.prm and args.prm is None and args.verifier is None and not ranked_by_orm:
         raise ValueError(f"--algorithm {config.algorithm} needs a PRM: pass --prm PATH or --verifier arithmetic")
     engine = load_engine(args)
     began = time.perf_counter()

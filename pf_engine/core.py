@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pf_engine import book
+from pf_engine.confidence import Weighting, combined_rewards
 from pf_engine.pool import Pool, PRMPool
 from pf_engine.prm import ModelPRM, StepToScore
 from pf_engine.resample import ResampleOutput, ResampleParams, resample
@@ -163,24 +164,33 @@ class Core:
         return self.writer.end_round(problems)
 
     @_timed("score")
-    def score(self, batch: Round) -> None:
-        """The PRM's output for the newest step of every particle that wrote one, into
-        ``batch.prm_output`` (rows of the others hold zeros and are not read), ``live`` and
-        ``reward_kind``. A model PRM appends each step and a marker to the particle's sequence
-        on its pool (all or nothing)."""
+    def score(self, batch: Round, weighting: Weighting) -> None:
+        """The step reward of every particle that wrote a step, into ``batch.prm_output`` (rows of the
+        others hold zeros and are not read), ``live`` and ``reward_kind``: the PRM's output, the
+        policy's confidence in the step (``batch.log_odds``), or both, as ``weighting`` says
+        (pf_engine.confidence). A model PRM appends each step and a marker to the particle's
+        sequence on its pool (all or nothing)."""
         problems, steps = batch.problems, batch.steps
         n = problems[0].num_particles
         flat = [(b, slot, text) for b, stepped in enumerate(steps) for slot, _, text in stepped]
         index = torch.tensor([b * n + slot for b, slot, _ in flat], dtype=torch.long)
         live = torch.zeros(len(problems) * n, dtype=torch.bool)
         live[index] = True
+        out, kind = self._prm_output(problems, flat, index) if weighting.prm else (None, None)
+        if weighting.signal is not None:
+            out, kind = combined_rewards(out, kind, batch.log_odds, weighting.exponent, live, n), "reward"
+        batch.prm_output, batch.live, batch.reward_kind = out, live, kind
+
+    def _prm_output(self, problems: list[Problem], flat: list, index: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The PRM's output for the stepped particles ``flat`` ((problem, slot, text), at ``index``), and its kind."""
+        n = problems[0].num_particles
         column = self.table.seq_ids[:, self.pools[-1].index]  # a model PRM's pool (a rule PRM reads no sequence)
         to_score = [StepToScore(problems[b], slot, int(column[problems[b].rows[slot]]), text) for b, slot, text in flat]
         out = torch.zeros(len(problems) * n, *(() if self.prm.reward_kind == "reward" else (2,)))
         if flat:
             out[index] = self.prm.score(to_score)
             self.note_blocks()
-        batch.prm_output, batch.live, batch.reward_kind = out, live, self.prm.reward_kind
+        return out, self.prm.reward_kind
 
     @_timed("resample")
     def weigh(self, batch: Round, params: ResampleParams, uniforms: torch.Tensor,

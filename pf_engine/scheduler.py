@@ -241,10 +241,11 @@ class Scheduler:
         cfg = algorithm.config
         batch = core.end_round(ready)
         if algorithm.scores:
-            if core.prm is None:
+            weighting = cfg.weighting
+            if core.prm is None and weighting.prm:
                 raise ValueError(f"{cfg.algorithm} needs a PRM")
             # the PRM's pool: make room, never by preempting the oldest ready problem
-            self.with_room(lambda: core.score(batch), keep=batch.problems[0], on_preempt=batch.drop)
+            self.with_room(lambda: core.score(batch, weighting), keep=batch.problems[0], on_preempt=batch.drop)
         batch.nodes = [book.commit(p, core.table, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
         batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in batch.problems]
         if batch.prm_output is not None:
@@ -267,10 +268,12 @@ class Scheduler:
         rewards, weights = out.rewards.cpu().tolist(), out.weights.cpu()
         weight_list = weights.tolist()
         temperature_list = [None] * len(batch.problems) if temperatures is None else temperatures.tolist()
+        confidences = None if batch.log_odds is None else torch.sigmoid(batch.log_odds).tolist()
         for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
             for (slot, _, _), node in zip(stepped, new, strict=True):
                 p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
                 p.tree[node].temperature = temperature_list[b]
+                p.tree[node].confidence = None if confidences is None else confidences[b * n + slot]
         aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
         for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
             part = slice(b * n, (b + 1) * n)

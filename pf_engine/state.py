@@ -57,6 +57,7 @@ class TreeNode:
     forced: str | None = None  # budget forcing: the phrase the step starts with, forced ("wait" or "end")
     trim: int = 0  # a stop string ending in this step began this many characters before it: cut from the text
     temperature: float | None = None  # entropic particle filtering: the annealing temperature its round weighed at
+    confidence: float | None = None  # weights from the policy: its confidence in the step (pf_engine.confidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ class StepRules:
     delimiter: str
     stop: tuple[str, ...] = ()
     budget: BudgetForcing | None = None
+    signal: str | None = None  # the policy's confidence the writer measures per token (pf_engine.confidence)
+    tail_tokens: int = 64  # tail_entropy: the step's last tokens it is taken over
 
 
 def path_to(tree: list[TreeNode], node: int) -> list[int]:
@@ -216,6 +219,7 @@ class Round:
     prm_output: torch.Tensor | None = None  # float32 [num_problems * N] rewards or [num_problems * N, 2] logits
     live: torch.Tensor | None = None  # bool [num_problems * N]: the particle wrote a step
     reward_kind: str | None = None
+    log_odds: torch.Tensor | None = None  # float64 [num_problems * N]: the policy's confidence in each step
 
     def drop(self, problem: Problem) -> None:
         """Take ``problem`` out of the batch, if it is in it (it was preempted and redoes the round later)."""
@@ -229,6 +233,8 @@ class Round:
             keep = torch.ones(self.live.shape[0], dtype=torch.bool)
             keep[b * n:(b + 1) * n] = False
             self.prm_output, self.live = self.prm_output[keep], self.live[keep]
+        if self.log_odds is not None:
+            self.log_odds = torch.cat([self.log_odds[:b * n], self.log_odds[(b + 1) * n:]])
 
 
 class RowTable:
@@ -249,8 +255,8 @@ class RowTable:
         """Make room for steps of ``max_step_tokens`` tokens (problems of differing configs share the rows)."""
         if max_step_tokens <= self.max_step_tokens:
             return
-        for name in ("tokens", "forced_tokens"):
-            array = np.zeros((self.capacity, max_step_tokens), dtype=np.int64)
+        for name, dtype in (("tokens", np.int64), ("forced_tokens", np.int64), ("values", np.float32)):
+            array = np.zeros((self.capacity, max_step_tokens), dtype=dtype)
             array[:, :self.max_step_tokens] = getattr(self, name)
             setattr(self, name, array)
         self.max_step_tokens = max_step_tokens
@@ -278,6 +284,7 @@ class RowTable:
         extend("boxed", (2,), np.int64)
         extend("tokens", (self.max_step_tokens,), np.int64)
         extend("forced_tokens", (self.max_step_tokens,), np.int64)
+        extend("values", (self.max_step_tokens,), np.float32)  # the policy's confidence per token of the step
         hidden = torch.zeros(capacity, self.hidden_size, dtype=self.dtype, device=self.device)
         if old:
             hidden[:old] = self.hidden

@@ -19,6 +19,7 @@ RowTable of problems of differing step rules draw and stop by their own rules, f
 import numpy as np
 import torch
 
+from pf_engine.confidence import step_log_odds, token_values
 from pf_engine.philox import philox_key, philox_uniform
 from pf_engine.sampling import sample
 from pf_engine.state import (
@@ -185,6 +186,8 @@ class StepWriter:
             forced_rows = rows[forcing]
             tokens[forcing] = r.forced_tokens[forced_rows, step_len[forcing]]
         r.tokens[rows, step_len] = tokens
+        if rules.signal is not None:  # the policy's confidence in the token, from the logits it was drawn from
+            r.values[rows, step_len] = token_values(logits, torch.from_numpy(tokens), rules.signal).cpu().numpy()
         step_len += 1
         r.step_len[rows] = step_len
         num_tokens = r.num_tokens[rows] + 1
@@ -255,7 +258,22 @@ class StepWriter:
             else:
                 steps.append([(s, ids[i + k], texts[i + k]) for k, s in enumerate(slots)])
             i += len(slots)
-        return Round(problems, steps)
+        return Round(problems, steps, log_odds=self._log_odds(problems, stepped))
+
+    def _log_odds(self, problems: list[Problem], stepped: list[list[int]]) -> torch.Tensor | None:
+        """float64 [num_problems * N]: the policy's confidence in each stepped particle's step as
+        log-odds (pf_engine.confidence; 0 for the others), where the rules measure one."""
+        rules = problems[0].rules  # problems of one algorithm measure the same signal
+        if rules.signal is None:
+            return None
+        r, n = self.table, problems[0].num_particles
+        out = torch.zeros(len(problems) * n, dtype=torch.float64)
+        index = [b * n + s for b, slots in enumerate(stepped) for s in slots]
+        if index:
+            rows = np.concatenate([p.rows[slots] for p, slots in zip(problems, stepped, strict=True)])
+            out[index] = torch.from_numpy(step_log_odds(r.values[rows], r.step_len[rows], rules.signal,
+                                                        rules.tail_tokens, self.vocab_size))
+        return out
 
     def _cut_at_stop(self, problem: Problem, slot: int, text: str) -> str:
         """A step's text up to the first of the rules' stop strings, which finishes the particle. A stop

@@ -288,7 +288,8 @@ FIELD_VALUES = {
     "weight_temperature": (["0.5"], 0.5), "ess_threshold": (["0.4"], 0.4), "final_answer": (["vote"], "vote"),
     "beam_width": (["2"], 2), "iterations": (["3"], 3), "ancestor_sampling": ([], True), "seed": (["41"], 41),
     "annealing": (["entropy"], "entropy"), "annealing_threshold": (["0.3"], 0.3), "annealing_phase": (["0.8"], 0.8),
-    "annealing_max_temperature": (["3"], 3.0),
+    "annealing_max_temperature": (["3"], 3.0), "weights": (["prm*tail_entropy"], "prm*tail_entropy"),
+    "signal_exponent": (["0.5"], 0.5), "tail_tokens": (["8"], 8),
     "system_prompt": (["Be brief."], "Be brief."), "stop": (["##", "--stop", "\\t!"], ("##", "\t!")),
     "budget_forcing": (['{"min_tokens": 5}'], {"min_tokens": 5}),
 }

@@ -410,7 +410,7 @@ def test_splice_equals_scoring_the_spliced_paths_from_scratch(policy):
         tokens, feed, _ = core.sample(rows)
         core.feed(rows[feed], tokens[feed])
     batch = core.end_round([problem])
-    core.score(batch)  # the PRM's sequences hold the first steps
+    core.score(batch, config.weighting)  # the PRM's sequences hold the first steps
     book.commit(problem, core.table, batch.steps[0])
     assert not problem.finished.any()
     tok = core.tokenizer

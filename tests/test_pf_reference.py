@@ -61,6 +61,13 @@ CASES = {
                                         weight_temperature=0.3, max_steps=6, annealing_phase=0.7),
                                 "policy", "rule", ("annealed",))
        for schedule in ("ess", "entropy", "base")},
+    # weights from the policy itself, of a policy sure enough of its tokens for them to differ: alone (no PRM
+    # loaded), and times a PRM's (rule and model), with exponents
+    "self_certainty": (replace(CONFIG, weights="self_certainty"), "sharp_policy", None, ()),
+    "mean_logprob": (replace(CONFIG, weights="prm*mean_logprob", signal_exponent=0.5), "sharp_policy", "rule", ()),
+    "tail_entropy": (replace(CONFIG, weights="tail_entropy", tail_tokens=2, aggregation="mean", signal_exponent=2.0),
+                     "sharp_policy", None, ("tail cut",)),
+    "model_prm_self_certainty": (replace(CONFIG, weights="prm*self_certainty"), "sharp_policy", "model", ()),
 }
 
 
@@ -160,6 +167,38 @@ def annealed(logw, weights, progress, cfg):
     return temperature, normalized(logw / temperature)
 
 
+def confidence_log_odds(model, before, step, cfg, seen):
+    """The policy's confidence in ``step`` (token ids) written after ``before``, as log-odds, from
+    scratch: each token's distribution is the softmax of the policy's logits at temperature 1.
+    mean_logprob: logit(exp(mean log p(token))); tail_entropy: logit(exp(-mean entropy)) over the last
+    cfg.tail_tokens tokens; self_certainty: mean KL(uniform || p) - log V."""
+    with torch.no_grad():
+        logits = model(torch.tensor([before + step[:-1]])).logits[0, len(before) - 1:].double()
+    logp, vocab = torch.log_softmax(logits, dim=-1), logits.shape[-1]
+    signal = cfg.weights.removeprefix("prm*")
+    if signal == "self_certainty":
+        return float((-math.log(vocab) - logp.mean(dim=-1)).mean()) - math.log(vocab)
+    if signal == "mean_logprob":
+        c = float(logp.gather(1, torch.tensor(step)[:, None]).mean())
+    else:
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        seen["tail cut"] += len(step) > cfg.tail_tokens
+        c = -float(entropy[-cfg.tail_tokens:].mean())
+    return c - math.log(-math.expm1(c))
+
+
+def step_reward(score, question, steps, log_odds, cfg):
+    """The fused step's reward of a step: the PRM's, or sigmoid(logit(PRM's) + exponent * log-odds of the
+    policy's confidence), or sigmoid(exponent * log-odds) without a PRM."""
+    if cfg.weights == "prm":
+        return score(question, steps)
+    x = cfg.signal_exponent * log_odds
+    if cfg.weights.startswith("prm*"):
+        r = score(question, steps)
+        x += math.log(r) - math.log1p(-r)
+    return 0.5 * (1 + math.tanh(x / 2))  # sigmoid(x), without overflow
+
+
 def inverse_cdf(weights, u):
     cdf = np.cumsum(weights)
     return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(cdf) - 1)
@@ -195,7 +234,8 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
     ref, seen, temperatures = None, Counter(), []
     for sweep in range(cfg.iterations if gibbs else 1):
         particles = [{"tokens": [], "steps": [], "ids": [], "rewards": [], "finished": False, "generated": 0,
-                      "waits": 0, "answering": False, "pending": None} for _ in range(cfg.num_particles)]
+                      "waits": 0, "answering": False, "pending": None, "confidences": []}
+                     for _ in range(cfg.num_particles)]
         for step_no in range(cfg.max_steps):
             round_ = sweep * cfg.max_steps + step_no
             for slot, p in enumerate(particles):
@@ -247,10 +287,13 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
                         break
                     if cfg.step_delimiter in text or len(step) >= cfg.max_step_tokens:
                         break
+                log_odds = None if cfg.weights == "prm" else confidence_log_odds(
+                    model, prompt + p["tokens"], step, cfg, seen)
                 p["tokens"] += step[:-1] if p["finished"] else step  # a finishing token is never fed
                 p["steps"].append(tokenizer.decode(step, skip_special_tokens=True))
                 p["ids"].append(step)
-                p["rewards"].append(score(question, p["steps"]))
+                p["rewards"].append(step_reward(score, question, p["steps"], log_odds, cfg))
+                p["confidences"].append(None if log_odds is None else 0.5 * (1 + math.tanh(log_odds / 2)))
                 seen["aggregated"] += aggregate(p["rewards"], cfg.aggregation) != p["rewards"][-1]
             aggs = np.array([aggregate(p["rewards"], cfg.aggregation) for p in particles])
             logw = log_weights(aggs, cfg)
@@ -278,7 +321,7 @@ def reference_search(model, tokenizer, question, problem, cfg, score):
         if gibbs:
             chosen = particles[inverse_cdf(weights, draw(mix, problem, (sweep + 1) * cfg.max_steps - 1, 0, 4093))]
             ref = {"ids": chosen["ids"], "steps": chosen["steps"], "finished": chosen["finished"]}
-    seen["temperatures"] = temperatures
+    seen["temperatures"], seen["confidences"] = temperatures, [p["confidences"] for p in particles]
     return ["".join(p["steps"]) for p in particles], weights, [p["generated"] for p in particles], seen
 
 
@@ -323,6 +366,13 @@ def policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sharp_policy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharp")
+    save_tiny_policy(folder, seed=4, initializer_range=0.3)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def boxed_policy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("boxed")
     save_tiny_policy(folder, seed=4, chars=BOXED_CHARS, eos=False)
@@ -348,7 +398,8 @@ def test_engine_equals_reference(request, case):
         score = model_reward(AutoModelForCausalLM.from_pretrained(prm, dtype=torch.float32).eval(),
                              AutoTokenizer.from_pretrained(prm), PRM_FORMAT)
     else:
-        engine, score = Engine(policy=policy, prm=reward, kv_cache_memory=8 << 20), reward
+        score = reward if prm_kind == "rule" else None
+        engine = Engine(policy=policy, prm=score, kv_cache_memory=8 << 20)
     results = engine.solve(QUESTIONS, config)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -363,6 +414,10 @@ def test_engine_equals_reference(request, case):
         for node in result.tree:
             expected = temperatures[node.depth] if temperatures else None
             assert node.temperature == (expected if expected is None else pytest.approx(expected, rel=1e-5))
+        # the policy's confidence in each step of each final particle (None with PRM weights alone)
+        for slot, confidences in enumerate(happened.pop("confidences")):
+            found = [result.tree[node].confidence for node in result.path_of(slot)]
+            assert found == (confidences if config.weights == "prm" else pytest.approx(confidences, rel=1e-5))
         seen += happened
     assert_resampled(results)
     for what in must_see:

@@ -37,7 +37,7 @@ def test_the_savings_equal_what_the_run_did(policy, kv_blocks):
         + sum(len(p.prompt_ids) * len(s) for p, s in zip(batch.problems, batch.steps, strict=True))))
 
     # re-reading the whole partial answer reads what the particle's PRM sequence holds once it is scored
-    def reread(out, batch):
+    def reread(out, batch, weighting):
         pm = core.prm.runner.manager
         seen["reread"] += sum(pm.num_tokens(int(core.table.seq_ids[p.rows[slot], 1]))
                               for p, stepped in zip(batch.problems, batch.steps, strict=True)

@@ -4,6 +4,7 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
+from pf_engine.confidence import Weighting
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
@@ -109,6 +110,13 @@ class SearchConfig:
     """entropic_particle_filter: anneal only in this first fraction of max_steps."""
     annealing_max_temperature: float = 2.0
     """entropic_particle_filter: the base schedule's temperature at the start (it falls to 1 over the search)."""
+    weights: str = "prm"
+    """What a step's reward is: prm; the policy's own confidence in the step, self_certainty, mean_logprob or
+    tail_entropy (no PRM needed); or prm*NAME, the PRM's weight times the confidence's (pf_engine.confidence)."""
+    signal_exponent: float = 1.0
+    """weights other than prm: the confidence's weight is raised to this power."""
+    tail_tokens: int = 64
+    """weights tail_entropy: the entropy is averaged over the step's last this many tokens."""
     seed: int = 0
     """The random streams' seed: the same seed gives the same draws."""
     system_prompt: str | None = None
@@ -124,6 +132,7 @@ class SearchConfig:
         self._check_names()
         self._check_sizes()
         ALGORITHMS[self.algorithm].check(self)
+        self._check_weights()
         self._check_sweeps()
         self._check_texts()
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
@@ -159,6 +168,18 @@ class SearchConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def _check_weights(self) -> None:
+        weighting = self.weighting  # validates weights and signal_exponent
+        if weighting.signal is None:
+            return
+        if not ALGORITHMS[self.algorithm].scores:
+            raise ValueError(f"{self.algorithm} weighs no particle: weights {self.weights!r} needs an algorithm that "
+                             f"scores steps")
+        if self.algorithm == "particle_gibbs" and self.ancestor_sampling:
+            raise ValueError("ancestor_sampling weighs spliced steps by the PRM alone: use weights 'prm' with it")
+        if not isinstance(self.tail_tokens, int) or self.tail_tokens < 1:
+            raise ValueError(f"tail_tokens must be an int >= 1, got {self.tail_tokens!r}")
+
     def _check_sweeps(self) -> None:
         if self.scheme not in SCHEMES:  # particle Gibbs does not pass it on, so check it here
             raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -185,6 +206,10 @@ class SearchConfig:
             raise ValueError("budget_forcing: a forced phrase must not hold step_delimiter (it would end its step)")
 
     @property
+    def weighting(self) -> Weighting:
+        return Weighting.parse(self.weights, self.signal_exponent)
+
+    @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
@@ -198,7 +223,7 @@ class SearchConfig:
         return StepRules(sampling=self.sampling, seed=self.seed if seed is None else seed, max_steps=self.max_steps,
                          max_step_tokens=self.max_step_tokens, max_new_tokens=self.max_new_tokens,
                          stop_at_boxed=self.stop_at_boxed, delimiter=self.step_delimiter, stop=self.stop,
-                         budget=self.budget_forcing)
+                         budget=self.budget_forcing, signal=self.weighting.signal, tail_tokens=self.tail_tokens)
 
 
 
