@@ -1,5 +1,6 @@
 """Final answers: the last ``\\boxed{...}`` of a text, and equivalence through math-verify."""
 
+import functools
 import re
 
 _BOXED = re.compile(r"\\boxed\{")
@@ -18,12 +19,14 @@ def boxed_answer(text: str) -> str | None:
     return answer
 
 
+@functools.lru_cache(maxsize=4096)
 def _parsed(answer: str):
     from math_verify import parse
 
     return parse(f"\\boxed{{{answer}}}")
 
 
+@functools.lru_cache(maxsize=65536)  # a vote compares the same answers again as particles finish
 def equivalent(a: str, b: str) -> bool:
     """Whether two answers are the same mathematical object (1/2 and 0.5 are)."""
     if a.strip() == b.strip():
@@ -34,18 +37,26 @@ def equivalent(a: str, b: str) -> bool:
     return bool(pa and pb and verify(pa, pb))
 
 
-def weighted_vote(answers: list[str | None], weights: list[float]) -> str | None:
-    """The answer whose equivalence class holds the most weight; None when no particle answered."""
-    classes: list[tuple[str, float]] = []
-    for answer, weight in zip(answers, weights, strict=True):
+def answer_classes(answers: list[str | None], weights: list[float]) -> list[tuple[str, float, list[int]]]:
+    """The equivalence classes of the answers (None is in none), in order of first appearance: each
+    one's first answer, its total weight and its members' indices."""
+    classes: list[tuple[str, float, list[int]]] = []
+    for i, (answer, weight) in enumerate(zip(answers, weights, strict=True)):
         if answer is None:
             continue
-        for i, (representative, total) in enumerate(classes):
+        for c, (representative, total, members) in enumerate(classes):
             if equivalent(representative, answer):
-                classes[i] = (representative, total + weight)
+                classes[c] = (representative, total + weight, [*members, i])
                 break
         else:
-            classes.append((answer, weight))
+            classes.append((answer, weight, [i]))
+    return classes
+
+
+def weighted_vote(answers: list[str | None], weights: list[float]) -> str | None:
+    """The answer whose equivalence class holds the most weight (the first such on a tie); None when
+    no particle answered."""
+    classes = answer_classes(answers, weights)
     return max(classes, key=lambda c: c[1])[0] if classes else None
 
 

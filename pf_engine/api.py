@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pf_engine.answers import extract_answer, weighted_vote
+from pf_engine.answers import extract_answer
+from pf_engine.confidence import trace_confidences
 from pf_engine.core import PEAK_STATS, Core, chat_ids
 from pf_engine.errors import OutOfBlocksError, size
 from pf_engine.files import fingerprint, write_atomically
@@ -22,6 +23,7 @@ from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import Algorithm, SearchConfig, algorithm_for
 from pf_engine.state import Problem, TreeNode, path_texts, path_to
+from pf_engine.votes import vote
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -33,8 +35,8 @@ class Result:
     ``stats``: the problem's own counts (its prompt's and its PRM prompt's tokens, tokens
     generated, of which discarded when a preemption made it redo a round, PRM tokens
     prefilled, policy tokens prefilled for ancestor sampling and for rebuilding after
-    preemptions, and preemptions) and the peak KV blocks so far of the policy and of a
-    model PRM, each beside the peak its particles would hold with no block shared
+    preemptions, preemptions, and particles early stopping cancelled) and the peak KV blocks
+    so far of the policy and of a model PRM, each beside the peak its particles would hold with no block shared
     (``peak_unshared_*``). The peaks are the pools', over every problem in them: from
     :meth:`Engine.solve` / :meth:`Engine.stream`, the call's so far; in ``pf-engine serve``,
     whose one scheduler serves every request, the server's since start-up (/metrics shows
@@ -54,7 +56,7 @@ class Result:
     outcome_scores: list[float] | None = None  # the outcome reward model's score of each final particle
     num_tokens: list[int] = field(default_factory=list)  # tokens of each final particle's text
     # why each final particle ended, as OpenAI says it: "stop" (EOS, a boxed answer, a stop string) or
-    # "length" (max_new_tokens or max_steps)
+    # "length" (max_new_tokens or max_steps, or cancelled by early stopping)
     finish_reasons: list[str] = field(default_factory=list)
 
     def path_of(self, particle: int) -> list[int]:
@@ -280,30 +282,44 @@ class Engine:
         steps = [problem.steps(slot) for slot in range(n)]
         texts = ["".join(s) for s in steps]
         weights = problem.weights.tolist()
-        answers = [extract_answer(t) for t in texts]
+        # early stopping: the particles it cancelled give no answer and are never chosen
+        answering = problem.finished if problem.stopped_early else np.ones(n, dtype=bool)
+        answers = [extract_answer(t) if ok else None for t, ok in zip(texts, answering.tolist(), strict=True)]
         outcome = self.orm.score(problem.question, texts) if self.orm is not None else None
         if config.final_answer == "vote" or algorithm.votes:
-            answer = weighted_vote(answers, weights)
-            chosen = next((i for i, a in enumerate(answers) if a is not None and a == answer), int(np.argmax(weights)))
+            if config.vote != "majority":  # each particle weighs its confidence over its whole answer
+                weights = self._answer_confidences(problem)
+            answer, chosen = vote(config.vote, answers, weights)
         elif config.final_answer == "sampled":
             rng = np.random.default_rng([problem.rules.seed, problem.key])
             chosen = int(rng.choice(n, p=np.asarray(weights) / np.sum(weights)))
             answer = answers[chosen]
         else:  # "best": the highest weight; "outcome", or best-of-N without a PRM: the best outcome score
             by_outcome = config.final_answer == "outcome" or (algorithm.outcome_ranks and not algorithm.scores)
-            chosen = int(np.argmax(outcome if by_outcome else weights))
+            chosen = int(np.argmax(np.where(answering, outcome if by_outcome else weights, -np.inf)))
             answer = answers[chosen]
         stats = {"prompt_tokens": len(problem.prompt_ids),
                  "prm_prompt_tokens": len(problem.prm_prompt_ids or ()),
                  "tokens_generated": problem.tokens_generated, "prm_tokens": problem.prm_tokens,
                  "ancestor_tokens": problem.ancestor_tokens, "recomputed_tokens": problem.recomputed_tokens,
                  "discarded_tokens": problem.discarded_tokens,
-                 "preemptions": problem.num_preemptions} | {key: self.core.stats[key] for key in PEAK_STATS}
+                 "preemptions": problem.num_preemptions,
+                 "cancelled_particles": sum(node.cancelled for node in problem.tree)} \
+            | {key: self.core.stats[key] for key in PEAK_STATS}
         lengths = problem.num_tokens.tolist()
         reasons = ["stop" if done and not capped else "length"
                    for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
                       problem.leaf.tolist(), chosen, stats, outcome, lengths, reasons)
+
+
+    def _answer_confidences(self, problem: Problem) -> list[float]:
+        """Each particle's confidence over all its tokens (pf_engine.confidence.trace_confidences)."""
+        rules = problem.rules
+        values = [np.concatenate([problem.node_values[node] for node in problem.path(slot)] or [np.zeros(0)])
+                  for slot in range(problem.num_particles)]
+        return trace_confidences(values, rules.signal, rules.tail_tokens, self.core.writer.vocab_size,
+                                 problem.algorithm.config.signal_exponent).tolist()
 
 
 def _model_prm(runner: ModelRunner, tokenizer, fmt: PRMFormat | None, separator: str, step_tag: str | None,

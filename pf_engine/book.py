@@ -37,6 +37,7 @@ def commit(problem: Problem, table: RowTable, steps: list[tuple[int, list[int], 
                         trim=int(r.stop_trim[row]))
         problem.tree.append(node)
         problem.node_tokens.append(ids)
+        problem.node_values.append(r.values[row, :len(ids)].copy() if problem.rules.signal else None)
         problem.leaf[slot] = node.node
         nodes.append(node.node)
     for name in PARTICLE_STATE:
@@ -52,7 +53,7 @@ def rollback(problem: Problem) -> None:
     size, problem.leaf, arrays = problem.committed
     for name, array in arrays.items():
         setattr(problem, name, array)
-    del problem.tree[size:], problem.node_tokens[size:]
+    del problem.tree[size:], problem.node_tokens[size:], problem.node_values[size:]
     problem.committed = None
 
 

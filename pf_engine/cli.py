@@ -237,9 +237,10 @@ def add_search_flags(parser, defaults: dict | None = None, skip: tuple[str, ...]
     from pf_engine.confidence import WEIGHTS
     from pf_engine.resample import AGGREGATIONS, SCHEMES
     from pf_engine.search.config import ALGORITHMS, FINAL_ANSWERS, SearchConfig, field_docs
+    from pf_engine.votes import EARLY_STOPS, VOTES
 
     choices = {"algorithm": ALGORITHMS, "final_answer": FINAL_ANSWERS, "aggregation": AGGREGATIONS,
-               "scheme": SCHEMES, "weights": WEIGHTS}
+               "scheme": SCHEMES, "weights": WEIGHTS, "vote": VOTES, "early_stop": EARLY_STOPS}
     docs, defaults = field_docs(SearchConfig), defaults or {}
     group = parser.add_argument_group("search", "the fields of pf_engine.SearchConfig")
     for f in fields(SearchConfig):
@@ -308,7 +309,7 @@ def evaluate_command(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from pf_engine.evaluate import evaluate
+    from pf_engine.evaluate import evaluate, pair_config
 
     out_dir = Path(args.out_dir)
     if not out_dir.parent.is_dir():
@@ -317,7 +318,9 @@ def evaluate_command(args) -> int:
         problems = load_problems(args.problems)
     except ValueError as exc:
         raise ValueError(f"--problems {exc}") from None
-    base = search_config(args, algorithm="particle_filter", num_particles=1)
+    base = search_config(args, algorithm=args.algorithms[0].partition(":")[0], num_particles=1)
+    for algorithm in args.algorithms:  # a bad entry fails before the models load or the folder is made
+        pair_config(base, algorithm, 1)
     engine = load_engine(args)
     out_dir.mkdir(exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -513,9 +516,10 @@ def error_line(exc: BaseException) -> str:
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     else:
         flags = FLAGS | {name: field_flag(name) for name in search_field_names()}
-        # a parameter name as a word of its own, not inside a path or a longer name
+        # a parameter name as a word of its own, not inside a path, a longer name or quoted input
         api_name = re.compile(r"(?<![\w/.-])(" + "|".join(flags) + r")(?![\w/.-])")
-        message = api_name.sub(lambda m: flags[m.group(1)], str(exc))
+        message = "".join(part if part.startswith("'") else api_name.sub(lambda m: flags[m.group(1)], part)
+                          for part in re.split(r"('[^']*')", str(exc)))
     return " ".join(message.split())
 
 
@@ -654,7 +658,9 @@ def _add_eval(sub, parents: list) -> None:
     e = sub.add_parser("eval", parents=parents, help="accuracy against N for each algorithm (a scaling curve)")
     e.add_argument("--out-dir", required=True, help="results.json, results.png, settings.json and the per-problem "
                    "cache; a rerun with the same settings resumes from the cache")
-    e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"])
+    e.add_argument("--algorithms", nargs="+", default=["best_of_n", "particle_filter"], metavar="ALGORITHM",
+                   help="each a name, or NAME:FIELD=VALUE,... with search fields for it alone "
+                   "(self_consistency:early_stop=beta; default: best_of_n particle_filter)")
     e.add_argument("--budgets", nargs="+", type=positive_int, default=[1, 2, 4, 8], help="particles (N)")
     e.add_argument("--fresh", action="store_true", help="discard what --out-dir holds and start it over (a rerun "
                    "whose settings differ from the folder's is refused without it)")

@@ -104,3 +104,15 @@ def combined_rewards(prm_output: torch.Tensor | None, reward_kind: str | None, l
             raise_on_invalid(bad.view(-1, num_particles).any(dim=1), prm_output, live, ResampleParams(reward_kind))
         total = total + torch.where(live, prm_logit, 0.0)
     return torch.sigmoid(total).float()
+
+
+def trace_confidences(values: list[np.ndarray], signal: str, tail_tokens: int, vocab_size: int,
+                      exponent: float) -> np.ndarray:
+    """float64 [traces]: each whole answer's confidence ``sigmoid(lam) ** exponent``, from its tokens' fp32
+    ``values`` (one array per trace, all its steps' tokens in order) as for a step of all of them."""
+    width = max((len(v) for v in values), default=0)
+    table = np.zeros((len(values), max(width, 1)), dtype=np.float32)
+    for i, v in enumerate(values):
+        table[i, :len(v)] = v
+    lam = step_log_odds(table, np.array([len(v) for v in values]), signal, tail_tokens, vocab_size)
+    return (1 / (1 + np.exp(-lam))) ** exponent

@@ -172,22 +172,24 @@ class Core:
         sequence on its pool (all or nothing)."""
         problems, steps = batch.problems, batch.steps
         n = problems[0].num_particles
-        flat = [(b, slot, text) for b, stepped in enumerate(steps) for slot, _, text in stepped]
-        index = torch.tensor([b * n + slot for b, slot, _ in flat], dtype=torch.long)
+        index = torch.tensor([b * n + slot for b, stepped in enumerate(steps) for slot, _, _ in stepped],
+                             dtype=torch.long)
         live = torch.zeros(len(problems) * n, dtype=torch.bool)
         live[index] = True
-        out, kind = self._prm_output(problems, flat, index) if weighting.prm else (None, None)
+        out, kind = self._prm_output(problems, steps, index) if weighting.prm else (None, None)
         if weighting.signal is not None:
             out, kind = combined_rewards(out, kind, batch.log_odds, weighting.exponent, live, n), "reward"
         batch.prm_output, batch.live, batch.reward_kind = out, live, kind
 
-    def _prm_output(self, problems: list[Problem], flat: list, index: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """The PRM's output for the stepped particles ``flat`` ((problem, slot, text), at ``index``), and its kind."""
+    def _prm_output(self, problems: list[Problem], steps: list, index: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The PRM's output for each problem's ``steps`` ((slot, ids, text); at ``index``), and its kind."""
         n = problems[0].num_particles
         column = self.table.seq_ids[:, self.pools[-1].index]  # a model PRM's pool (a rule PRM reads no sequence)
-        to_score = [StepToScore(problems[b], slot, int(column[problems[b].rows[slot]]), text) for b, slot, text in flat]
+        to_score = [StepToScore(p, slot, seq, text) for p, stepped in zip(problems, steps, strict=True)
+                    for (slot, _, text), seq in zip(stepped, column[p.rows[[s for s, _, _ in stepped]]].tolist(),
+                                                    strict=True)]
         out = torch.zeros(len(problems) * n, *(() if self.prm.reward_kind == "reward" else (2,)))
-        if flat:
+        if to_score:
             out[index] = self.prm.score(to_score)
             self.note_blocks()
         return out, self.prm.reward_kind

@@ -11,6 +11,7 @@ and each entry's name holds the problem's index and a hash of its record (text, 
     OUT/settings.json                         what every result in OUT was made with
     OUT/cache/SETTINGS/particle_filter/N8/17-PROBLEM.json
                                               {"answer", "correct", "tokens_generated", "text"}
+    OUT/cache/SETTINGS/self_consistency-FIELDS/N8/...   a pair given its own fields (pair_config)
     OUT/results.json                          {"settings", "rows": one per (algorithm, N)}
     OUT/results.png                           accuracy vs N (log x) and tokens per problem vs N
 
@@ -20,7 +21,10 @@ the folder over); a problem whose record changed is computed afresh under its ne
 
 import json
 import shutil
+import types
+import typing
 from dataclasses import asdict, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import pf_engine
@@ -38,8 +42,42 @@ def eval_settings(engine, base: SearchConfig) -> dict:
     return json.loads(json.dumps(settings))  # as settings.json reads back (tuples as lists)
 
 
+def pair_config(base: SearchConfig, algorithm: str, n: int) -> SearchConfig:
+    """The config of one (algorithm, N) pair. ``algorithm`` is a name, or ``NAME:FIELD=VALUE,...`` with
+    SearchConfig fields set for it alone (``self_consistency:early_stop=beta,early_stop_threshold=0.9``),
+    each value read as the field's flag reads it (``none`` for None, ``true``/``false``)."""
+    name, _, given = algorithm.partition(":")
+    fields_ = {f.name: f for f in dataclass_fields(SearchConfig)}
+    overrides = {}
+    for item in filter(None, given.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or key not in fields_ or key in PER_PAIR:
+            raise ValueError(f"the entry {algorithm!r}: {item!r} is not FIELD=VALUE of a SearchConfig field eval "
+                             f"does not set itself ({', '.join(PER_PAIR)} are set per pair)")
+        overrides[key] = field_value(fields_[key], text, f"the entry {algorithm!r}: {key}")
+    return replace(base, algorithm=name, num_particles=n, beam_width=min(base.beam_width, n), **overrides)
+
+
+def field_value(f, text: str, where: str):
+    """``text`` as a value of SearchConfig field ``f`` (a str, int, float or bool, or None)."""
+    kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+    if text.lower() == "none" and type(None) in kinds:
+        return None
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        if kind in (int, float, str):
+            return kind(text)
+    except ValueError:
+        pass
+    raise ValueError(f"{where}: {text!r} is not a valid {getattr(kind, '__name__', kind)}")
+
+
 def cache_path(out_dir: Path, settings: dict, algorithm: str, n: int, index: int, problem: dict) -> Path:
-    return (Path(out_dir) / "cache" / digest(settings) / algorithm / f"N{n}"
+    name, _, given = algorithm.partition(":")  # a pair with its own fields: their digest names its folder
+    folder = f"{name}-{digest(given)}" if given else name
+    return (Path(out_dir) / "cache" / digest(settings) / folder / f"N{n}"
             / f"{index}-{digest(problem)}.json")
 
 
@@ -91,8 +129,7 @@ def evaluate(engine, problems: list[dict], algorithms: list[str], budgets: list[
     if missing:
         raise ValueError(f"problem {missing[0]} has no gold \"answer\": eval grades every problem")
     out_dir = Path(out_dir)
-    configs = [(algorithm, n, replace(base, algorithm=algorithm, num_particles=n,
-                                      beam_width=min(base.beam_width, n)))
+    configs = [(algorithm, n, pair_config(base, algorithm, n))
                for algorithm in algorithms for n in budgets]  # built first: a bad pair fails before any work
     for _, _, config in configs:
         engine.stream([], config)  # checks what the engine needs for it (a PRM), and runs nothing

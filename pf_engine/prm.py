@@ -29,7 +29,7 @@ from pf_engine.runner import ModelRunner
 from pf_engine.state import Problem
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per particle and step, and a frozen one costs 4x to make
 class StepToScore:
     """A particle's new step: its text follows the particle's committed steps, then ``before``
     (ancestor sampling scores a reference's future steps spliced onto a candidate prefix)."""

@@ -181,7 +181,7 @@ class Scheduler:
         victim.discarded_tokens += int(self.core.table.step_len[victim.rows].sum())  # the round it redoes
         book.rollback(victim)
         self._leave(victim)
-        victim.forced = {}
+        victim.forced, victim.stopped_early = {}, False
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -218,6 +218,18 @@ class Scheduler:
             fed[:] = fed[0][keep], fed[1][keep]
 
         self.with_room(lambda: core.feed(*fed), keep=self.running[0], on_preempt=without)
+        for lane in np.unique(lane_of[stopped & table.finished[rows]]).tolist():
+            problem = self.lanes[lane]  # None where the forward preempted it
+            if problem is not None and problem.algorithm.settles(core, problem):
+                self._stop_early(problem)
+
+    # -- early stopping -----------------------------------------------------------------
+    def _stop_early(self, problem: Problem) -> None:
+        """Cancel the particles still writing: the round ends now and is the search's last."""
+        table = self.core.table
+        table.writing[problem.rows] = False
+        problem.num_writing = 0
+        problem.stopped_early = True
 
     def end_ready_rounds(self) -> list[Problem]:
         """End the round of every problem whose live particles have all ended their step, problems of
@@ -247,7 +259,12 @@ class Scheduler:
             # the PRM's pool: make room, never by preempting the oldest ready problem
             self.with_room(lambda: core.score(batch, weighting), keep=batch.problems[0], on_preempt=batch.drop)
         batch.nodes = [book.commit(p, core.table, s) for p, s in zip(batch.problems, batch.steps, strict=True)]
-        batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) for p in batch.problems]
+        for p, nodes in zip(batch.problems, batch.nodes, strict=True):
+            # also at the round's end: a stop string ends its particle there
+            p.stopped_early = p.stopped_early or algorithm.settles(core, p)
+            for node in nodes if p.stopped_early else ():
+                p.tree[node].cancelled = not p.tree[node].finished
+        batch.done = [p.step == cfg.max_steps - 1 or bool(p.finished.all()) or p.stopped_early for p in batch.problems]
         if batch.prm_output is not None:
             self._select(batch)
         return self._next_rounds(batch)

@@ -58,6 +58,7 @@ class TreeNode:
     trim: int = 0  # a stop string ending in this step began this many characters before it: cut from the text
     temperature: float | None = None  # entropic particle filtering: the annealing temperature its round weighed at
     confidence: float | None = None  # weights from the policy: its confidence in the step (pf_engine.confidence)
+    cancelled: bool = False  # early stopping: the vote settled while the particle was writing this step
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class Problem:
     step: int = 0  # round within the sweep
     tree: list[TreeNode] = field(default_factory=list)
     node_tokens: list[list[int]] = field(default_factory=list)  # policy token ids of each node
+    node_values: list = field(default_factory=list)  # rules.signal: float32 [num_tokens] of each node, else None
     rows: np.ndarray | None = None
     roots: list = field(default_factory=lambda: [None, None])  # each pool's sequence of the prompt (pool.index)
     root_hidden: torch.Tensor | None = None  # hidden state of the prompt's last token
@@ -170,6 +172,7 @@ class Problem:
     recomputed_tokens: int = 0  # policy tokens prefilled again to rebuild after a preemption
     discarded_tokens: int = 0  # tokens drawn in rounds a preemption made it redo
     num_preemptions: int = 0
+    stopped_early: bool = False  # early stopping: the vote settled; the round in flight is its last
 
     def __post_init__(self):
         self.new_sweep()

@@ -279,19 +279,39 @@ class StepWriter:
         """A step's text up to the first of the rules' stop strings, which finishes the particle. A stop
         string may begin in the particle's earlier steps (their last characters are searched too): the
         step's text is then empty and ``rows.stop_trim`` says how much of the earlier text it cuts."""
-        tail = ""
-        node, want = int(problem.leaf[slot]), max(map(len, problem.rules.stop)) - 1
-        while node >= 0 and len(tail) < want:
-            tail, node = problem.tree[node].text + tail, problem.tree[node].parent
-        tail = tail[max(len(tail) - want, 0):] if want else ""
-        searched = tail + text
-        at = min((at for at in (searched.find(stop) for stop in problem.rules.stop) if at >= 0), default=-1)
-        if at < 0:
+        cut = self._stop_cut(problem, slot, text)
+        if cut is None:
             return text
         row = problem.rows[slot]
         self.table.finished[row], self.table.capped[row] = True, False
-        self.table.stop_trim[row] = max(len(tail) - at, 0)
-        return text[:max(at - len(tail), 0)]
+        text, self.table.stop_trim[row] = cut
+        return text
+
+    @staticmethod
+    def _stop_cut(problem: Problem, slot: int, text: str) -> tuple[str, int] | None:
+        """Where the first stop string cuts the particle's step ``text``: the text before it and how
+        many characters of the earlier steps it takes (None: no stop string)."""
+        tail = ""
+        node, want = int(problem.leaf[slot]), max(map(len, problem.rules.stop), default=0) - 1
+        while node >= 0 and len(tail) < want:
+            tail, node = problem.tree[node].text + tail, problem.tree[node].parent
+        tail = tail[max(len(tail) - want, 0):] if want > 0 else ""
+        searched = tail + text
+        at = min((at for at in (searched.find(stop) for stop in problem.rules.stop) if at >= 0), default=-1)
+        if at < 0:
+            return None
+        return text[:max(at - len(tail), 0)], max(len(tail) - at, 0)
+
+    def text_so_far(self, problem: Problem, slot: int) -> str:
+        """The particle's whole text with the step it is writing, as the round's end would cut it."""
+        row = problem.rows[slot]
+        before = "".join(problem.steps(slot))
+        step = self.decode([self.table.tokens[row, :self.table.step_len[row]].tolist()])[0]
+        cut = self._stop_cut(problem, slot, step) if problem.rules.stop else None
+        if cut is None:
+            return before + step
+        step, trim = cut
+        return before[:len(before) - trim] + step
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Texts of token id lists, as ``tokenizer.decode(ids, skip_special_tokens=True)`` gives them;

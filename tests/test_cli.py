@@ -289,10 +289,15 @@ FIELD_VALUES = {
     "beam_width": (["2"], 2), "iterations": (["3"], 3), "ancestor_sampling": ([], True), "seed": (["41"], 41),
     "annealing": (["entropy"], "entropy"), "annealing_threshold": (["0.3"], 0.3), "annealing_phase": (["0.8"], 0.8),
     "annealing_max_temperature": (["3"], 3.0), "weights": (["prm*tail_entropy"], "prm*tail_entropy"),
-    "signal_exponent": (["0.5"], 0.5), "tail_tokens": (["8"], 8),
+    "signal_exponent": (["0.5"], 0.5), "tail_tokens": (["8"], 8), "vote": (["weighted"], "weighted"),
+    "early_stop": (["adaptive"], "adaptive"), "early_stop_threshold": (["0.9"], 0.9),
     "system_prompt": (["Be brief."], "Be brief."), "stop": (["##", "--stop", "\\t!"], ("##", "\t!")),
     "budget_forcing": (['{"min_tokens": 5}'], {"min_tokens": 5}),
 }
+# fields valid only beside others: those set with them (the algorithm through eval's --algorithms)
+COMPANIONS = {"vote": {"algorithm": "self_consistency", "weights": "tail_entropy"},
+              "early_stop": {"algorithm": "best_of_n"},
+              "early_stop_threshold": {"algorithm": "self_consistency", "early_stop": "beta"}}
 SUBCOMMANDS = {  # subcommand: its other required flags, and the fields it sets through flags of its own
     "solve": (["--problems", "p", "--out", "o"], ()),
     "eval": (["--problems", "p", "--out-dir", "o"], ("algorithm", "num_particles")),  # --algorithms, --budgets
@@ -323,10 +328,17 @@ def test_every_search_field_has_a_flag_with_its_docstring(command):
         assert helps[field_flag(name)].startswith(docs[name]), name
         given, expected = FIELD_VALUES[name]
         flag = field_flag(name) if expected is not False else "--no-" + field_flag(name)[2:]
-        config = search_config(build_parser().parse_args([command, *required, flag, *given]))
+        companions = COMPANIONS.get(name, {})
+        if "algorithm" in companions and "algorithm" in own:
+            if command == "synthesize":  # its recipes pick the algorithm
+                continue
+            given = [*given, "--algorithms", companions["algorithm"]]
+        extra = [x for k, v in companions.items() if k not in own for x in (field_flag(k), v)]
+        args = build_parser().parse_args([command, *required, flag, *given, *extra])
+        config = search_config(args, **({"algorithm": args.algorithms[0]} if "--algorithms" in given else {}))
         if name == "budget_forcing":
             expected = SearchConfig(budget_forcing=expected).budget_forcing
-        assert config == replace(defaults, **{name: expected}), name
+        assert config == replace(defaults, **{name: expected} | companions), name
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["default dtype", "--dtype bfloat16"])

@@ -5,6 +5,7 @@ problems, and answers equal to Engine.solve's under a PRM whose rewards vary."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 from conftest import VARYING_VERIFIER, assert_resampled, varying_reward
@@ -182,3 +183,41 @@ def test_eval_answers_equal_solve_under_a_varying_prm(policy, problems, tmp_path
     records = [json.loads(p.read_text()) for p in entries]
     assert [r["text"] for r in records] == [r.text for r in expected]
     assert [r["tokens_generated"] for r in records] == [r.stats["tokens_generated"] for r in expected]
+
+
+def test_an_algorithm_entry_may_set_its_own_fields(policy, problems, tmp_path):
+    """--algorithms NAME:FIELD=VALUE,...: each pair runs the config its entry gives, answers equal to
+    Engine.solve's under it, each in a cache folder of its own."""
+    specs = ["self_consistency", "self_consistency:early_stop=beta,early_stop_threshold=0.8",
+             "particle_filter:weights=prm*mean_logprob,signal_exponent=0.5,ess_threshold=none"]
+    flags = ["--verifier", VARYING_VERIFIER, "--algorithms", *specs, "--budgets", "4", "--max-steps", "4",
+             "--max-step-tokens", "5", "--max-new-tokens", "16", "--kv-cache-mib", "16"]
+    out = tmp_path / "out"
+    assert main(["eval", "--problems", str(problems), "--policy", str(policy), "--out-dir", str(out), *flags]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["algorithm"] for r in rows] == specs
+    engine = Engine(policy=policy, prm=varying_reward, kv_cache_memory=16 << 20)
+    base = SearchConfig(num_particles=4, max_steps=4, max_step_tokens=5, max_new_tokens=16)
+    configs = [replace(base, algorithm="self_consistency"),
+               replace(base, algorithm="self_consistency", early_stop="beta", early_stop_threshold=0.8),
+               replace(base, weights="prm*mean_logprob", signal_exponent=0.5, ess_threshold=None)]
+    folders = sorted({p.parent.parent.name for p in (out / "cache").rglob("*.json")})
+    assert len(folders) == 3
+    for spec, config, row in zip(specs, configs, rows, strict=True):
+        expected = engine.solve(PROBLEMS, config)
+        assert row["tokens_per_problem"] == sum(r.stats["tokens_generated"] for r in expected) / len(PROBLEMS), spec
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("self_consistency:early_stop", "'early_stop' is not FIELD=VALUE"),
+    ("self_consistency:num_particles=3", "num_particles"),
+    ("self_consistency:colour=red", "'colour=red' is not FIELD=VALUE"),
+    ("particle_filter:max_steps=many", "'many' is not a valid int"),
+    ("self_consistency:early_stop=soon", "unknown --early-stop 'soon'"),
+])
+def test_a_bad_algorithm_entry_is_named(policy, problems, tmp_path, capsys, spec, message):
+    flags = ["--verifier", "arithmetic", "--algorithms", spec, "--budgets", "2", "--kv-cache-mib", "16"]
+    code = main(["eval", "--problems", str(problems), "--policy", str(policy), "--out-dir", str(tmp_path / "o"),
+                 *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -5,10 +5,12 @@ lives on the Problem, in ``problem.extra``)."""
 import numpy as np
 import torch
 
+from pf_engine.answers import extract_answer
 from pf_engine.core import Core
 from pf_engine.resample import ResampleOutput, ResampleParams
 from pf_engine.search.config import SearchConfig
 from pf_engine.state import Problem, Round
+from pf_engine.votes import settled
 
 
 class Algorithm:
@@ -21,6 +23,7 @@ class Algorithm:
     scores = True  # the PRM scores every step (and the fused step weighs it)
     votes = False  # the answer is the weighted vote, whatever config.final_answer says
     outcome_ranks = False  # with no PRM but an outcome model, the outcome model ranks the particles
+    stops_early = False  # config.early_stop may end the search once the finished particles' answers agree (StopsEarly)
 
     def __init__(self, config: SearchConfig):
         self.config = config
@@ -49,6 +52,11 @@ class Algorithm:
         particles and carry their weights. Problems ending their sweep (``batch.done``) keep theirs."""
         return [None] * len(batch.problems)
 
+    def settles(self, engine: Core, problem: Problem) -> bool:
+        """Whether the search may end now, the particles still writing cancelled where they stand
+        (asked whenever a particle finishes, also inside a step, and at each round's end)."""
+        return False
+
     def end_sweep(self, engine: Core, problem: Problem) -> bool:
         """At the end of a sweep: whether the problem runs another (particle Gibbs)."""
         return False
@@ -57,3 +65,27 @@ class Algorithm:
 def local(out: ResampleOutput, b: int, n: int) -> np.ndarray:
     """Problem b's ancestors from a fused step over problems of n particles, as slots."""
     return out.ancestors[b * n:(b + 1) * n].cpu().numpy().astype(np.int64) - b * n
+
+
+class StopsEarly:
+    """For searches whose particles never meet (self-consistency, best-of-N): ``config.early_stop``
+    ends the search once the answers of the particles finished so far agree (pf_engine.votes)."""
+
+    stops_early = True
+
+    def settles(self, engine: Core, problem: Problem) -> bool:
+        cfg = self.config
+        if cfg.early_stop == "none":
+            return False
+        finished = engine.table.finished[problem.rows]
+        known = problem.extra.setdefault("answers", {})  # committed leaf -> answer: those never change
+        answers = [None] * problem.num_particles
+        for slot in np.flatnonzero(finished).tolist():
+            if problem.finished[slot]:
+                leaf = int(problem.leaf[slot])
+                if leaf not in known:
+                    known[leaf] = extract_answer("".join(problem.steps(slot)))
+                answers[slot] = known[leaf]
+            else:  # it finished in the step in flight
+                answers[slot] = extract_answer(engine.writer.text_so_far(problem, slot))
+        return settled(cfg.early_stop, cfg.stop_threshold, answers, finished.tolist())

@@ -4,12 +4,13 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
-from pf_engine.confidence import Weighting
+from pf_engine.confidence import SIGNALS, Weighting
 from pf_engine.philox import MAX_ROUNDS, MAX_STEP_TOKENS
 from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
 from pf_engine.search.registry import ALGORITHMS
 from pf_engine.state import BudgetForcing, StepRules
+from pf_engine.votes import DEFAULT_THRESHOLDS, EARLY_STOPS, VOTES
 
 FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
 # The step-end tables take (vocabulary x delimiter length) entries; a server takes these from requests.
@@ -117,6 +118,15 @@ class SearchConfig:
     """weights other than prm: the confidence's weight is raised to this power."""
     tail_tokens: int = 64
     """weights tail_entropy: the entropy is averaged over the step's last this many tokens."""
+    vote: str = "majority"
+    """self_consistency's answer: majority; weighted, each particle's vote weighing its confidence over its whole
+    answer by weights (DeepConf-style); or confidence_selection, the most confident particle's (pf_engine.votes)."""
+    early_stop: str = "none"
+    """self_consistency and best_of_n: stop once the finished particles' answers agree, cancelling the others: adaptive
+    (a supermajority of the first 2, 4, 8, ... particles) or beta (a Beta-posterior threshold) (pf_engine.votes)."""
+    early_stop_threshold: float | None = None
+    """early_stop: adaptive's supermajority share (None: 0.75) or beta's posterior probability (None: 0.95), in
+    (0.5, 1]."""
     seed: int = 0
     """The random streams' seed: the same seed gives the same draws."""
     system_prompt: str | None = None
@@ -133,6 +143,7 @@ class SearchConfig:
         self._check_sizes()
         ALGORITHMS[self.algorithm].check(self)
         self._check_weights()
+        self._check_votes()
         self._check_sweeps()
         self._check_texts()
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
@@ -172,13 +183,36 @@ class SearchConfig:
         weighting = self.weighting  # validates weights and signal_exponent
         if weighting.signal is None:
             return
-        if not ALGORITHMS[self.algorithm].scores:
+        if not ALGORITHMS[self.algorithm].scores and self.vote not in VOTES[1:]:
             raise ValueError(f"{self.algorithm} weighs no particle: weights {self.weights!r} needs an algorithm that "
-                             f"scores steps")
+                             f"scores steps, or vote {' or '.join(VOTES[1:])}")
         if self.algorithm == "particle_gibbs" and self.ancestor_sampling:
             raise ValueError("ancestor_sampling weighs spliced steps by the PRM alone: use weights 'prm' with it")
         if not isinstance(self.tail_tokens, int) or self.tail_tokens < 1:
             raise ValueError(f"tail_tokens must be an int >= 1, got {self.tail_tokens!r}")
+
+    def _check_votes(self) -> None:
+        algorithm = ALGORITHMS[self.algorithm]
+        if self.vote not in VOTES:
+            raise ValueError(f"unknown vote {self.vote!r}; choose one of {', '.join(VOTES)}")
+        if self.early_stop not in EARLY_STOPS:
+            raise ValueError(f"unknown early_stop {self.early_stop!r}; choose one of {', '.join(EARLY_STOPS)}")
+        if self.vote != "majority" and not algorithm.votes:
+            raise ValueError(f"vote {self.vote!r} is self_consistency's, not {self.algorithm}'s")
+        if self.vote != "majority" and self.weighting.signal is None:
+            raise ValueError(f"vote {self.vote!r} weighs each answer by the policy's confidence: set weights to one of "
+                             f"{', '.join(SIGNALS)}")
+        if self.early_stop != "none" and not algorithm.stops_early:
+            raise ValueError(f"early_stop is for self_consistency and best_of_n, not {self.algorithm}")
+        threshold = self.early_stop_threshold
+        if threshold is not None and not (isinstance(threshold, int | float) and 0.5 < threshold <= 1):
+            raise ValueError(f"early_stop_threshold must be in (0.5, 1], got {threshold!r}")
+
+    @property
+    def stop_threshold(self) -> float:
+        """early_stop's threshold, the rule's default where none is set."""
+        return DEFAULT_THRESHOLDS.get(self.early_stop, 1.0) if self.early_stop_threshold is None \
+            else self.early_stop_threshold
 
     def _check_sweeps(self) -> None:
         if self.scheme not in SCHEMES:  # particle Gibbs does not pass it on, so check it here
