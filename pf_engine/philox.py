@@ -23,6 +23,7 @@ uniform at ``offset = (counter << 32) + i``: that is its own contract (a caller
 that names a call by ``counter``), not a search's.
 """
 
+import numpy as np
 import torch
 
 from pf_engine._native import _C
@@ -41,10 +42,16 @@ _M32 = 0xFFFFFFFF
 
 
 def philox_key(problem, round_, slot, token) -> torch.Tensor:
-    """int64 offsets of the bit layout above; each field an int or an int tensor."""
-    problem, round_, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in (problem, round_, slot, token))
-    return (problem << (ROUND_BITS + SLOT_BITS + TOKEN_BITS)) | (round_ << (SLOT_BITS + TOKEN_BITS)) \
+    """int64 offsets of the bit layout above; each field an int, an int tensor or an int array (all
+    numpy or ints: composed in numpy, a few small ops where torch would take tens of microseconds)."""
+    fields = (problem, round_, slot, token)
+    if any(isinstance(x, torch.Tensor) for x in fields):
+        problem, round_, slot, token = (torch.as_tensor(x, dtype=torch.int64) for x in fields)
+    else:
+        problem, round_, slot, token = (np.asarray(x, dtype=np.int64) for x in fields)
+    key = (problem << (ROUND_BITS + SLOT_BITS + TOKEN_BITS)) | (round_ << (SLOT_BITS + TOKEN_BITS)) \
         | (slot << TOKEN_BITS) | token
+    return key if isinstance(key, torch.Tensor) else torch.from_numpy(np.asarray(key))
 
 
 def search_uniforms(seed: int, problem, round_, slot, token: int) -> torch.Tensor:

@@ -288,9 +288,10 @@ class Scheduler:
         confidences = None if batch.log_odds is None else torch.sigmoid(batch.log_odds).tolist()
         for b, (p, stepped, new) in enumerate(zip(batch.problems, batch.steps, batch.nodes, strict=True)):
             for (slot, _, _), node in zip(stepped, new, strict=True):
-                p.tree[node].reward, p.tree[node].weight = rewards[b * n + slot], weight_list[b * n + slot]
-                p.tree[node].temperature = temperature_list[b]
-                p.tree[node].confidence = None if confidences is None else confidences[b * n + slot]
+                tree_node, i = p.tree[node], b * n + slot
+                tree_node.reward, tree_node.weight = rewards[i], weight_list[i]
+                tree_node.temperature = temperature_list[b]
+                tree_node.confidence = None if confidences is None else confidences[i]
         aggregates, num_steps = out.aggregates.cpu(), out.num_steps.cpu()
         for b, (p, chosen) in enumerate(zip(batch.problems, ancestors, strict=True)):
             part = slice(b * n, (b + 1) * n)
