@@ -473,3 +473,21 @@ def test_an_outcome_model_ranks_best_of_n_and_picks_the_final_answer(policy, tmp
     with pytest.raises(ValueError, match="final_answer 'outcome' needs an outcome reward model"):
         Engine(policy=policy, prm=lambda q, steps: 0.5, kv_cache_memory=8 << 20).solve(
             QUESTIONS[:1], SearchConfig(**SMALL | {"final_answer": "outcome"}))
+
+
+def test_entropic_particle_filtering_at_a_constant_temperature_of_one_is_particle_filtering(policy):
+    """The base schedule with annealing_max_temperature 1 anneals every round at T = 1: the texts,
+    weights, answers and trees are particle filtering's, and the tree records T = 1 for every round."""
+    from conftest import assert_resampled, varying_reward
+
+    engine = Engine(policy=policy, prm=varying_reward, kv_cache_memory=8 << 20)
+    pf = engine.solve(QUESTIONS, SearchConfig(**SMALL))
+    epf = engine.solve(QUESTIONS, SearchConfig(algorithm="entropic_particle_filter", annealing="base",
+                                               annealing_max_temperature=1.0, annealing_threshold=1.0,
+                                               annealing_phase=1.0, **SMALL))
+    assert_resampled(pf)
+    for a, b in zip(epf, pf, strict=True):
+        assert (a.particles, a.weights, a.answer, a.chosen) == (b.particles, b.weights, b.answer, b.chosen)
+        assert [(n.text, n.parent, n.reward, n.weight, n.num_children) for n in a.tree] == \
+            [(n.text, n.parent, n.reward, n.weight, n.num_children) for n in b.tree]
+        assert {n.temperature for n in a.tree} == {1.0} and {n.temperature for n in b.tree} == {None}
