@@ -219,3 +219,39 @@ def test_early_stopping_whatever_the_preemptions(vote_policy, algorithm, monkeyp
         assert (a.particles, a.weights, a.answer, a.chosen, a.stats["cancelled_particles"]) == \
             (b.particles, b.weights, b.answer, b.chosen, b.stats["cancelled_particles"])
         assert [(n.text, n.cancelled) for n in a.tree] == [(n.text, n.cancelled) for n in b.tree]
+
+
+@pytest.mark.parametrize("stop", [(), ("a",), ("b\\boxed{7}", "ab", "ba")])
+def test_the_text_so_far_is_the_text_the_rounds_end_commits(vote_policy, stop):
+    """What a vote reads of a particle inside a step (StepWriter.text_so_far) is its whole text as the
+    round's end then cuts and commits it, stop strings spanning steps included."""
+    from pf_engine import book
+
+    engine = Engine(policy=vote_policy, kv_cache_memory=8 << 20)
+    core = engine.core
+    config = SearchConfig(algorithm="self_consistency", stop=stop, **SMALL)
+    core.begin()
+    compared = cut = 0
+    for key, question in enumerate(QUESTIONS):
+        problem = engine.problem(question, 0, key, engine.algorithm(config))
+        core.place(problem)
+        for _ in range(config.max_steps):
+            core.begin_round(problem)
+            while core.table.writing.any():
+                rows = np.flatnonzero(core.table.writing)
+                tokens, feed, _ = core.sample(rows)
+                core.feed(rows[feed], tokens[feed])
+            live = np.flatnonzero(~problem.finished).tolist()
+            so_far = {slot: core.writer.text_so_far(problem, slot) for slot in live}
+            batch = core.end_round([problem])
+            book.commit(problem, core.table, batch.steps[0])
+            for slot in live:
+                assert so_far[slot] == "".join(problem.steps(slot)), (question, slot)
+                compared += 1
+                cut += bool(problem.tree[problem.leaf[slot]].trim)
+            if problem.finished.all():
+                break
+        core.evict(problem)
+    assert compared
+    if len(stop) > 1:
+        assert cut, "no stop string spanned two steps"
