@@ -23,7 +23,7 @@ from pf_engine.runner import ModelRunner
 from pf_engine.scheduler import Scheduler
 from pf_engine.search import Algorithm, SearchConfig, algorithm_for
 from pf_engine.state import Problem, TreeNode, path_texts, path_to
-from pf_engine.votes import vote
+from pf_engine.votes import CONFIDENCE_VOTES, vote
 
 DEFAULT_KV_MEMORY_CPU = 1 << 30
 
@@ -287,7 +287,7 @@ class Engine:
         answers = [extract_answer(t) if ok else None for t, ok in zip(texts, answering.tolist(), strict=True)]
         outcome = self.orm.score(problem.question, texts) if self.orm is not None else None
         if config.final_answer == "vote" or algorithm.votes:
-            if config.vote != "majority":  # each particle weighs its confidence over its whole answer
+            if config.vote in CONFIDENCE_VOTES:  # each particle weighs its confidence over its whole answer
                 weights = self._answer_confidences(problem)
             answer, chosen = vote(config.vote, answers, weights)
         elif config.final_answer == "sampled":
@@ -311,7 +311,6 @@ class Engine:
                    for done, capped in zip(problem.finished.tolist(), problem.capped.tolist(), strict=True)]
         return Result(problem.question, answer, texts[chosen], steps[chosen], weights, texts, list(problem.tree),
                       problem.leaf.tolist(), chosen, stats, outcome, lengths, reasons)
-
 
     def _answer_confidences(self, problem: Problem) -> list[float]:
         """Each particle's confidence over all its tokens (pf_engine.confidence.trace_confidences)."""

@@ -230,13 +230,11 @@ def json_object(text: str) -> dict:
 def add_search_flags(parser, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
     """A flag for every SearchConfig field but ``skip``, its help the field's docstring, its default the
     field's or ``defaults``'."""
-    import types
-    import typing
     from dataclasses import fields
 
     from pf_engine.confidence import WEIGHTS
     from pf_engine.resample import AGGREGATIONS, SCHEMES
-    from pf_engine.search.config import ALGORITHMS, FINAL_ANSWERS, SearchConfig, field_docs
+    from pf_engine.search.config import ALGORITHMS, FINAL_ANSWERS, SearchConfig, field_docs, field_types
     from pf_engine.votes import EARLY_STOPS, VOTES
 
     choices = {"algorithm": ALGORITHMS, "final_answer": FINAL_ANSWERS, "aggregation": AGGREGATIONS,
@@ -247,8 +245,7 @@ def add_search_flags(parser, defaults: dict | None = None, skip: tuple[str, ...]
         if f.name in skip:
             continue
         default = defaults.get(f.name, f.default)
-        kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
-        kind = next(typing.get_origin(a) or a for a in kinds if a is not type(None))
+        kind = next(a for a in field_types(f.type) if a is not type(None))
         escapes = " (backslash escapes \\n, \\t, \\r, \\\\ read as such)" if f.name in ESCAPED_FIELDS else ""
         options = dict(dest=f.name, default=default, choices=choices.get(f.name),
                        help=f"{docs[f.name]}{escapes} (default: {default!r})".replace("%", "%%"))

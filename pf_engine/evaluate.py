@@ -21,8 +21,6 @@ the folder over); a problem whose record changed is computed afresh under its ne
 
 import json
 import shutil
-import types
-import typing
 from dataclasses import asdict, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -31,6 +29,7 @@ import pf_engine
 from pf_engine.answers import is_correct
 from pf_engine.files import digest, replace_atomically, write_atomically
 from pf_engine.search import SearchConfig
+from pf_engine.search.config import field_types
 
 PER_PAIR = ("algorithm", "num_particles", "beam_width")  # fields eval sets for each (algorithm, N)
 
@@ -60,7 +59,7 @@ def pair_config(base: SearchConfig, algorithm: str, n: int) -> SearchConfig:
 
 def field_value(f, text: str, where: str):
     """``text`` as a value of SearchConfig field ``f`` (a str, int, float or bool, or None)."""
-    kinds = typing.get_args(f.type) if isinstance(f.type, types.UnionType) else (f.type,)
+    kinds = field_types(f.type)
     if text.lower() == "none" and type(None) in kinds:
         return None
     kind = next(k for k in kinds if k is not type(None))

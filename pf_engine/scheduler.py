@@ -218,7 +218,8 @@ class Scheduler:
             fed[:] = fed[0][keep], fed[1][keep]
 
         self.with_room(lambda: core.feed(*fed), keep=self.running[0], on_preempt=without)
-        for lane in np.unique(lane_of[stopped & table.finished[rows]]).tolist():
+        finishing = rows[stopped]  # early stopping asks only where a particle finished
+        for lane in np.unique(table.problem[finishing[table.finished[finishing]]]).tolist():
             problem = self.lanes[lane]  # None where the forward preempted it
             if problem is not None and problem.algorithm.settles(core, problem):
                 self._stop_early(problem)

@@ -27,6 +27,7 @@ import numpy as np
 from pf_engine.answers import answer_classes
 
 VOTES = ("majority", "weighted", "confidence_selection")
+CONFIDENCE_VOTES = VOTES[1:]  # those that weigh each answer by the policy's confidence in it
 EARLY_STOPS = ("none", "adaptive", "beta")
 DEFAULT_THRESHOLDS = {"adaptive": 0.75, "beta": 0.95}
 

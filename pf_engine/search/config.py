@@ -10,7 +10,7 @@ from pf_engine.resample import SCHEMES, ResampleParams
 from pf_engine.sampling import SamplingParams
 from pf_engine.search.registry import ALGORITHMS
 from pf_engine.state import BudgetForcing, StepRules
-from pf_engine.votes import DEFAULT_THRESHOLDS, EARLY_STOPS, VOTES
+from pf_engine.votes import CONFIDENCE_VOTES, DEFAULT_THRESHOLDS, EARLY_STOPS, VOTES
 
 FINAL_ANSWERS = ("best", "sampled", "vote", "outcome")
 # The step-end tables take (vocabulary x delimiter length) entries; a server takes these from requests.
@@ -183,9 +183,9 @@ class SearchConfig:
         weighting = self.weighting  # validates weights and signal_exponent
         if weighting.signal is None:
             return
-        if not ALGORITHMS[self.algorithm].scores and self.vote not in VOTES[1:]:
+        if not ALGORITHMS[self.algorithm].scores and self.vote not in CONFIDENCE_VOTES:
             raise ValueError(f"{self.algorithm} weighs no particle: weights {self.weights!r} needs an algorithm that "
-                             f"scores steps, or vote {' or '.join(VOTES[1:])}")
+                             f"scores steps, or vote {' or '.join(CONFIDENCE_VOTES)}")
         if self.algorithm == "particle_gibbs" and self.ancestor_sampling:
             raise ValueError("ancestor_sampling weighs spliced steps by the PRM alone: use weights 'prm' with it")
         if not isinstance(self.tail_tokens, int) or self.tail_tokens < 1:
@@ -197,9 +197,9 @@ class SearchConfig:
             raise ValueError(f"unknown vote {self.vote!r}; choose one of {', '.join(VOTES)}")
         if self.early_stop not in EARLY_STOPS:
             raise ValueError(f"unknown early_stop {self.early_stop!r}; choose one of {', '.join(EARLY_STOPS)}")
-        if self.vote != "majority" and not algorithm.votes:
+        if self.vote in CONFIDENCE_VOTES and not algorithm.votes:
             raise ValueError(f"vote {self.vote!r} is self_consistency's, not {self.algorithm}'s")
-        if self.vote != "majority" and self.weighting.signal is None:
+        if self.vote in CONFIDENCE_VOTES and self.weighting.signal is None:
             raise ValueError(f"vote {self.vote!r} weighs each answer by the policy's confidence: set weights to one of "
                              f"{', '.join(SIGNALS)}")
         if self.early_stop != "none" and not algorithm.stops_early:
@@ -278,11 +278,16 @@ _TYPE_NAMES = {BudgetForcing: "an object of budget forcing options", int: "an in
                str: "a string", bool: "true or false", tuple: "a list of strings", type(None): "null"}
 
 
+def field_types(annotation) -> tuple[type, ...]:
+    """The types a field's annotation allows: a union's members, a generic as its origin (``tuple``)."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return tuple(typing.get_origin(a) or a for a in allowed)
+
+
 def _check_type(name: str, value, annotation) -> None:
     """ValueError unless ``value`` is of the field's annotated type (an int passes for a float, a list
     for a tuple; a bool passes only for a bool)."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    allowed = field_types(annotation)
     if isinstance(value, bool) and bool not in allowed:
         ok = False
     else:
